@@ -1,0 +1,1 @@
+"""Judging connections and messages: checks report findings, policy decides."""

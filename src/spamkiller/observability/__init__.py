@@ -1,0 +1,1 @@
+"""Logs (and later metrics): what admins read about each connection and message."""

@@ -1,0 +1,1 @@
+"""The asyncio driver: sockets, timers, TLS handshakes, and the composition root (app.py)."""

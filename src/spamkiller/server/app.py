@@ -1,0 +1,322 @@
+"""The composition root: the only place concrete implementations are chosen; start, reload, stop.
+
+- `build_runtime(config)` turns a validated config into what sessions use (TLS contexts, the
+  upstream, limits). It raises ConfigError for unusable files, so a reload can refuse a bad config
+  and keep the old runtime.
+- `Worker` serves every listener in one event loop. SIGHUP reloads config and certificates
+  (sessions in progress keep the runtime they began with); SIGTERM stops accepting new sessions
+  (they get 421), lets the others finish for `shutdown_timeout`, then answers 421 and closes.
+- `run()` starts `workers` processes sharing each port with SO_REUSEPORT, or serves in-process when
+  there is one; the parent forwards signals and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from spamkiller.config import Config, load
+from spamkiller.errors import ConfigError
+from spamkiller.observability.logging import EventLog
+from spamkiller.relay.upstream import Upstream, UpstreamTarget
+from spamkiller.server.connection import Gate, InboundConnection, ListenerPolicy, Runtime
+from spamkiller.server.devupstream import DevUpstream
+from spamkiller.smtp.limits import Limits
+from spamkiller.tls.certs import LoadedPair, load_pairs, make_self_signed
+from spamkiller.tls.contexts import ServerTls, client_context
+
+
+def self_signed_paths(config: Config) -> tuple[Path, Path]:
+    base = config.data_dir / "tls"
+    return base / "selfsigned.pem", base / "selfsigned.key"
+
+
+def certificate_pairs(config: Config, *, create: bool) -> list[tuple[Path, Path]]:
+    """The configured pairs, or the self-signed one (made on first run when `create`)."""
+    if config.tls.certificates:
+        return [(p.cert, p.key) for p in config.tls.certificates]
+    if all(listener.tls == "none" for listener in config.listeners):
+        return []
+    cert, key = self_signed_paths(config)
+    if create and not (cert.exists() and key.exists()):
+        make_self_signed(cert, key, config.hostname)
+    return [(cert, key)]
+
+
+def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -> Runtime:
+    """Everything sessions need; ConfigError if a certificate, key or CA file is unusable."""
+    pairs: list[LoadedPair] = []
+    files = certificate_pairs(config, create=create_cert)
+    if files:
+        prefix = "tls.certificates" if config.tls.certificates else "tls (self-signed)"
+        pairs = load_pairs(files, key_path_prefix=prefix)
+    policies: dict[str, ListenerPolicy] = {}
+    for index, listener in enumerate(config.listeners):
+        server_tls = None
+        if listener.tls != "none":
+            server_tls = ServerTls.build(
+                pairs,
+                min_version=config.tls.min_version,
+                client_cert=listener.client_cert,
+                client_ca_file=listener.client_ca_file,
+                client_cert_pins=listener.client_cert_pins,
+                listener_key=f"listeners.{index}",
+            )
+        policies[listener.name] = ListenerPolicy(
+            name=listener.name,
+            tls=listener.tls,
+            require_tls=listener.require_tls,
+            server_tls=server_tls,
+        )
+    up = config.upstream
+    upstream_ctx = None
+    if up.use_tls:
+        upstream_ctx = client_context(
+            verify=up.verify_cert,
+            ca_file=up.ca_file,
+            client_cert=up.client_cert,
+            client_key=up.client_key,
+            min_version=config.tls.min_version,
+        )
+    lim = config.limits
+    limits = Limits(
+        max_command_length=lim.max_command_length,
+        max_line_length=lim.max_line_length,
+        max_recipients=lim.max_recipients,
+        max_message_size=lim.max_message_size,
+        max_bad_commands=lim.max_bad_commands,
+    )
+    target = UpstreamTarget(
+        hosts=up.targets,
+        port=up.port,
+        use_tls=up.use_tls,
+        tls_context=upstream_ctx,
+        server_name=up.server_name,
+        connect_timeout=up.connect_timeout,
+        timeout=up.timeout,
+        data_timeout=up.data_timeout,
+        helo=config.hostname,
+    )
+    return Runtime(
+        hostname=config.hostname,
+        domains=frozenset(config.domains),
+        limits=limits,
+        command_timeout=lim.command_timeout,
+        data_timeout=lim.data_timeout,
+        handshake_timeout=config.tls.handshake_timeout,
+        listeners=policies,
+        upstream=Upstream(target, limits),
+        log=log,
+    )
+
+
+def _listener_set(config: Config) -> set[tuple[str, str, int]]:
+    return {(lst.name, lst.address, lst.port) for lst in config.listeners}
+
+
+class Worker:
+    """Serves every listener of the config in the running event loop until SIGTERM."""
+
+    def __init__(
+        self, config_path: Path | None, config: Config, runtime: Runtime, *, reuse_port: bool, dev: bool
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.runtime = runtime
+        self.log = runtime.log
+        self.reuse_port = reuse_port
+        self.run_dev_upstream = dev and config.dev_upstream.enabled
+        self.gate = Gate(
+            max_connections=config.limits.max_connections,
+            max_per_ip=config.limits.max_connections_per_ip,
+        )
+        self._servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+        self._dev: DevUpstream | None = None
+
+    def _current(self) -> Runtime:
+        return self.runtime
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.run_dev_upstream:
+            dev = self.config.dev_upstream
+            self._dev = DevUpstream(self.config.dev_maildir)
+            await self._dev.start(dev.address, dev.port)
+            self.log.line("-", "dev-upstream", {"listen": f"{dev.address}:{dev.port}", "maildir": self.config.dev_maildir})
+        for listener in self.config.listeners:
+            name = listener.name
+            factory: Callable[[], InboundConnection] = (
+                lambda name=name: InboundConnection(name, self._current, self.gate)  # type: ignore[misc]
+            )
+            server = await loop.create_server(
+                factory,
+                listener.address,
+                listener.port,
+                reuse_port=self.reuse_port or None,
+                backlog=1024,
+            )
+            self._servers.append(server)
+            self.log.line(
+                "-",
+                "listen",
+                {"listener": name, "address": f"{listener.address}:{listener.port}", "tls": listener.tls,
+                 "require_tls": listener.require_tls},
+            )
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and certificates; a bad new config is refused, the old one kept."""
+        try:
+            config = load(self.config_path)
+            runtime = build_runtime(config, self.log)
+        except ConfigError as exc:
+            self.log.line("-", "reload", {"status": "refused", "problems": "; ".join(exc.problems)})
+            return
+        if _listener_set(config) != _listener_set(self.config):
+            self.log.line("-", "reload", {"note": "listener address changes take effect after a restart"})
+        self.config = config
+        self.runtime = runtime
+        self.gate.max_connections = config.limits.max_connections
+        self.gate.max_per_ip = config.limits.max_connections_per_ip
+        self.log.line("-", "reload", {"status": "ok"})
+
+    async def serve_until_stopped(self) -> None:
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Turn new sessions away with 421, let the others finish, then cut what is left."""
+        gate = self.gate
+        gate.draining = True
+        self.log.line("-", "shutdown", {"sessions": len(gate.sessions), "timeout": self.config.shutdown_timeout})
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while gate.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(gate.sessions):
+            session.abort()
+        for server in self._servers:
+            server.close()
+        await asyncio.sleep(0)
+        if self._dev is not None:
+            await self._dev.stop()
+        self.log.line("-", "stopped", {})
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _serve(config_path: Path | None, config: Config, *, reuse_port: bool, dev: bool) -> int:
+    log = EventLog(fmt=config.log.format)
+    runtime = build_runtime(config, log)
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(config_path, config, runtime, reuse_port=reuse_port, dev=dev)
+    try:
+        loop.run_until_complete(worker.start())
+        loop.run_until_complete(worker.serve_until_stopped())
+    except OSError as exc:
+        print(f"spam-killer: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return 0
+
+
+def run(config_path: Path | None) -> int:
+    """`spam-killer run`: exit 0 on a clean stop, 1 on bad config or a port that cannot be bound."""
+    try:
+        config = load(config_path)
+        # Validate (and on first run create the self-signed certificate) before forking.
+        build_runtime(config, EventLog(fmt=config.log.format), create_cert=True)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    if config.workers == 1:
+        return _serve(config_path, config, reuse_port=False, dev=True)
+    return _supervise(config_path, config)
+
+
+def _supervise(config_path: Path | None, config: Config) -> int:
+    """Fork `workers` processes on SO_REUSEPORT; the parent runs the dev upstream and forwards signals."""
+    children: dict[int, int] = {}
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _serve(config_path, config, reuse_port=True, dev=False)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    for slot in range(config.workers):
+        spawn(slot)
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    log = EventLog(fmt=config.log.format)
+    stopping = asyncio.Event()
+    dev: DevUpstream | None = None
+
+    def forward(sig: signal.Signals) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping.set()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            slot = children.pop(pid, None)
+            if slot is not None and not stopping.is_set():
+                log.line("-", "worker", {"pid": pid, "status": os.waitstatus_to_exitcode(status), "action": "restart"})
+                time.sleep(0.2)
+                spawn(slot)
+
+    async def main() -> None:
+        nonlocal dev
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, forward, sig)
+        loop.add_signal_handler(signal.SIGCHLD, reap)
+        if config.dev_upstream.enabled:
+            dev = DevUpstream(config.dev_maildir)
+            await dev.start(config.dev_upstream.address, config.dev_upstream.port)
+        log.line("-", "workers", {"count": config.workers, "pids": ",".join(map(str, children))})
+        await stopping.wait()
+        while children:
+            await asyncio.sleep(0.05)
+            reap()
+        if dev is not None:
+            await dev.stop()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return 0

@@ -1,0 +1,537 @@
+"""The thin asyncio driver of one inbound connection: bytes to the sans-IO session and back.
+
+It owns what sans-IO cannot: sockets, timers, TLS handshakes, the upstream session and the log
+lines. Protocol rules live in `smtp/`; the no-open-relay rule in `checks/relay.py`; the relay
+mechanics in `relay/upstream.py`. A protocol rule found here belongs in `smtp/`.
+
+Callback-style `asyncio.Protocol` feeding one coroutine per connection: reads arrive in bulk, the
+session is asked for every complete command in the buffer before we wait again, and each reply is
+one `write`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from spamkiller.checks.relay import check_recipient
+from spamkiller.errors import UpstreamUnavailable
+from spamkiller.observability.logging import EventLog
+from spamkiller.relay.upstream import Upstream, UpstreamSession, parse_queue_id
+from spamkiller.server.received import protocol_name, received_header
+from spamkiller.smtp import replies
+from spamkiller.smtp.events import (
+    NEED_DATA,
+    BdatChunk,
+    ConnectionClosed,
+    DataCommand,
+    DataRejected,
+    Ehlo,
+    Event,
+    MailFrom,
+    MessageReceived,
+    Quit,
+    RcptTo,
+    Reset,
+    StartTls,
+    Violation,
+)
+from spamkiller.smtp.limits import Limits
+from spamkiller.smtp.replies import Reply
+from spamkiller.smtp.server import ServerSession
+from spamkiller.smtp.states import State
+from spamkiller.tls.contexts import ServerTls
+from spamkiller.tls.facts import TlsFacts, TlsStart
+
+if TYPE_CHECKING:
+    from spamkiller.smtp.address import Address
+
+UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream server unavailable, try again later")
+CLIENT_CERT_REFUSED = Reply(421, "4.7.0", "Client certificate not accepted")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
+
+
+def new_session_id() -> str:
+    """A short id for logs and replies; 10 characters of a 30-letter alphabet (~49 bits)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerPolicy:
+    """What one listener asks of its sessions (from its config block)."""
+
+    name: str
+    tls: str  # starttls | implicit | none
+    require_tls: bool
+    server_tls: ServerTls | None  # None only when tls is "none"
+
+
+@dataclass(slots=True, kw_only=True)
+class Runtime:
+    """Everything a session needs, replaced as a whole on reload; a session keeps the one it began with."""
+
+    hostname: str
+    domains: frozenset[str]
+    limits: Limits
+    command_timeout: float
+    data_timeout: float
+    handshake_timeout: float
+    listeners: dict[str, ListenerPolicy]
+    upstream: Upstream
+    log: EventLog
+
+
+@dataclass(slots=True)
+class Gate:
+    """Connection counts shared by every listener of a process: global and per-IP caps, drain."""
+
+    max_connections: int
+    max_per_ip: int
+    active: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    sessions: set[InboundConnection] = field(default_factory=set)
+
+    def admit(self, ip: str) -> Reply | None:
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        if self.active >= self.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if self.per_ip.get(ip, 0) >= self.max_per_ip:
+            return TOO_MANY_FROM_YOU
+        self.active += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.active -= 1
+        left = self.per_ip.get(ip, 1) - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+
+
+class _Transaction:
+    """The envelope of the message in progress, for the upstream and the log line."""
+
+    __slots__ = ("recipients", "sender", "sender_params", "started")
+
+    def __init__(self, sender: Address | None, params: str) -> None:
+        self.sender = "" if sender is None else str(sender)
+        self.sender_params = params
+        self.recipients: list[str] = []
+        self.started = time.monotonic()
+
+
+class InboundConnection(asyncio.Protocol):
+    """One client connection, from accept to close."""
+
+    def __init__(self, listener: str, runtime: Callable[[], Runtime], gate: Gate) -> None:
+        self.rt = runtime()  # fixed for the life of this session, even across a reload
+        self.policy = self.rt.listeners[listener]
+        self.gate = gate
+        self.sid = new_session_id()
+        self.transport: asyncio.Transport | None = None
+        self.session: ServerSession | None = None
+        self.client_ip = "?"
+        self.client_port = 0
+        self.tls = TlsFacts.plaintext(starttls_offered=False)
+        self.upstream: UpstreamSession | None = None
+        self.txn: _Transaction | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost = False
+        self._paused = False
+        self._admitted = False
+        self._task: asyncio.Task[None] | None = None
+        self._close_reason = ""
+        self._messages = 0
+        self._peer_allowed = True
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        refusal = self.gate.admit(self.client_ip)
+        if refusal is not None:
+            transport.write(refusal.with_id(self.sid).wire)
+            transport.close()
+            self.rt.log.line(
+                self.sid, "refused", {"client": f"[{self.client_ip}]", "reason": refusal.text}
+            )
+            return
+        self._admitted = True
+        self.gate.sessions.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return  # bytes before the session exists (a refused connection): ignore
+        session.receive_data(data)
+        if session.buffered > session.limits.max_pipeline_buffer and not self._paused:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.receive_data(b"")
+        self._wake()
+        return True  # keep the write side open: we may still owe replies
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self.session is not None:
+            self.session.receive_data(b"")
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ---- the session ----------------------------------------------------------------------
+
+    async def _wait_data(self, timeout: float) -> bool:
+        """Wait for more input; False on timeout."""
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            return False
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return True
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def _run(self) -> None:
+        rt = self.rt
+        policy = self.policy
+        began = time.monotonic()
+        try:
+            if policy.tls == "implicit":
+                if not await self._handshake(TlsStart.IMPLICIT):
+                    return
+            starttls = policy.tls == "starttls" and policy.server_tls is not None
+            self.session = session = ServerSession(
+                hostname=rt.hostname,
+                session_id=self.sid,
+                limits=rt.limits,
+                tls_active=self.tls.active,
+                starttls_available=starttls,
+                require_tls=policy.require_tls,
+            )
+            if not self.tls.active:
+                self.tls = TlsFacts.plaintext(starttls_offered=starttls)
+            rt.log.line(
+                self.sid,
+                "connect",
+                {
+                    "client": f"[{self.client_ip}]:{self.client_port}",
+                    "listener": policy.name,
+                    "tls": self.tls.log_value(),
+                },
+            )
+            if not self._client_cert_ok():
+                self._write(session.greeting(CLIENT_CERT_REFUSED))
+                self._close_reason = "client certificate refused"
+                return
+            self._write(session.greeting())
+            await self._dialogue(session)
+        except Exception as exc:  # a bug must end this session, not the server
+            self._close_reason = f"internal error: {type(exc).__name__}: {exc}"
+            if self.session is not None and self.session.state is not State.CLOSED:
+                self._write(Reply(421, "4.3.0", "Internal error, closing connection").with_id(self.sid).wire)
+        finally:
+            await self._finish(time.monotonic() - began)
+
+    async def _dialogue(self, session: ServerSession) -> None:
+        rt = self.rt
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                if self._lost:
+                    self._close_reason = "lost"
+                    return
+                timeout = rt.data_timeout if session.state is State.DATA else rt.command_timeout
+                if not await self._wait_data(timeout):
+                    self._write(replies.TIMEOUT.with_id(self.sid).wire)
+                    self._close_reason = "timeout"
+                    return
+                continue
+            if isinstance(event, ConnectionClosed):
+                self._close_reason = "lost during data" if event.mid_data else "client closed"
+                return
+            if self.gate.draining and session.state in (State.GREETED, State.READY):
+                # Shutting down: finish transactions in progress, turn away new ones.
+                self._write(session.send(replies.SHUTTING_DOWN))
+                self._close_reason = "shutdown"
+                return
+            reply = await self._decide(event)
+            self._write(session.send(reply))
+            if session.state is State.TLS:
+                if not await self._handshake(TlsStart.STARTTLS):
+                    return
+                session.start_tls()
+                if not self._client_cert_ok():
+                    self._write(CLIENT_CERT_REFUSED.with_id(self.sid).wire)
+                    self._close_reason = "client certificate refused"
+                    return
+            elif session.state is State.CLOSED:
+                self._close_reason = self._close_reason or (
+                    "quit" if isinstance(event, Quit) else "closed by us"
+                )
+                return
+
+    async def _decide(self, event: Event) -> Reply:
+        """The reply to one event: the session's own answer unless our rules or the upstream differ."""
+        if isinstance(event, MailFrom):
+            params = []
+            if event.params.body != "7BIT":
+                params.append(f"BODY={event.params.body}")
+            if event.params.smtputf8:
+                params.append("SMTPUTF8")
+            if event.params.size is not None:
+                params.append(f"SIZE={event.params.size}")
+            self.txn = _Transaction(event.sender, " ".join(params))
+            return event.reply
+        if isinstance(event, RcptTo):
+            return await self._rcpt(event)
+        if isinstance(event, DataCommand):
+            return self._data_command(event)
+        if isinstance(event, MessageReceived):
+            return await self._message(event)
+        if isinstance(event, DataRejected):
+            self._abort_upstream_data()
+            self._log_message(status="rejected", reply=event.reply, size=event.size, reason=event.reason)
+            self.txn = None
+            return event.reply
+        if isinstance(event, BdatChunk):
+            return event.reply
+        if isinstance(event, Reset | Ehlo):
+            await self._reset_upstream()
+            self.txn = None
+            return event.reply
+        if isinstance(event, Quit | StartTls):
+            await self._reset_upstream()
+            self.txn = None
+            return event.reply
+        if isinstance(event, Violation) and event.close:
+            self._close_reason = event.reason
+        return event.reply
+
+    async def _rcpt(self, event: RcptTo) -> Reply:
+        refusal = check_recipient(event.recipient, self.rt.domains)
+        if refusal is not None:
+            return refusal
+        txn = self.txn
+        assert txn is not None  # the session only emits RCPT after an accepted MAIL
+        recipient = str(event.recipient)
+        try:
+            upstream = await self._upstream()
+            if upstream.in_transaction:
+                reply = await upstream.rcpt(recipient)
+            else:
+                reply = await upstream.begin(txn.sender, txn.sender_params, recipient)
+        except UpstreamUnavailable as exc:
+            self._upstream_failed(exc)
+            return UPSTREAM_UNAVAILABLE
+        if not reply.is_positive:
+            return reply  # the upstream's refusal becomes ours, at RCPT time
+        txn.recipients.append(recipient)
+        return event.reply
+
+    def _data_command(self, event: DataCommand) -> Reply:
+        upstream = self.upstream
+        if upstream is None or not upstream.usable or not upstream.in_transaction:
+            return UPSTREAM_UNAVAILABLE
+        try:
+            upstream.data_begin()
+        except UpstreamUnavailable as exc:
+            self._upstream_failed(exc)
+            return UPSTREAM_UNAVAILABLE
+        return event.reply
+
+    async def _message(self, event: MessageReceived) -> Reply:
+        session = self.session
+        txn = self.txn
+        upstream = self.upstream
+        assert session is not None and txn is not None
+        self._messages += 1
+        if upstream is None or not upstream.usable or not upstream.in_transaction:
+            self._log_message(status="deferred", reply=UPSTREAM_UNAVAILABLE, size=event.data.size)
+            return UPSTREAM_UNAVAILABLE
+        if not upstream.data_pending:  # BDAT: no DATA was sent while the chunks came in
+            upstream.data_begin()
+        header = received_header(
+            helo=session.helo_name,
+            client_ip=self.client_ip,
+            client_name=None,
+            hostname=self.rt.hostname,
+            session_id=self.sid,
+            protocol=protocol_name(
+                esmtp=session.esmtp, tls=self.tls.active, utf8=session.mail_params.smtputf8
+            ),
+            tls=self.tls,
+            recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
+        )
+        try:
+            reply = await upstream.data_finish(header, event.data.stuffed())
+        except UpstreamUnavailable as exc:
+            self._upstream_failed(exc)
+            self._log_message(status="deferred", reply=UPSTREAM_UNAVAILABLE, size=event.data.size, reason=str(exc))
+            return UPSTREAM_UNAVAILABLE
+        if reply.code == 250:
+            queue_id = parse_queue_id(reply)
+            self._log_message(status="sent", reply=reply, size=event.data.size, upstream_id=queue_id)
+            return Reply(250, "2.0.0", f"Message accepted (id {self.sid})")
+        status = "bounced" if reply.is_permanent else "deferred"
+        self._log_message(status=status, reply=reply, size=event.data.size)
+        # Never 250 unless the upstream said 250; a 2xx other than 250 is not "accepted".
+        return reply if reply.code >= 400 else UPSTREAM_UNAVAILABLE
+
+    # ---- upstream --------------------------------------------------------------------------
+
+    async def _upstream(self) -> UpstreamSession:
+        upstream = self.upstream
+        if upstream is not None and upstream.usable:
+            return upstream
+        self.upstream = None
+        self.upstream = upstream = await self.rt.upstream.connect()
+        return upstream
+
+    def _upstream_failed(self, exc: Exception) -> None:
+        self.rt.log.line(self.sid, "upstream", {"status": "unavailable", "reason": str(exc)})
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+    async def _reset_upstream(self) -> None:
+        upstream = self.upstream
+        if upstream is None or not upstream.in_transaction:
+            return
+        if upstream.data_pending:
+            self._abort_upstream_data()
+            return
+        try:
+            await upstream.reset()
+        except UpstreamUnavailable as exc:
+            self._upstream_failed(exc)
+
+    def _abort_upstream_data(self) -> None:
+        """After DATA went upstream, only a closed connection makes the upstream drop the message."""
+        if self.upstream is not None and self.upstream.data_pending:
+            self.upstream.close()
+            self.upstream = None
+
+    # ---- TLS --------------------------------------------------------------------------------
+
+    async def _handshake(self, began: TlsStart) -> bool:
+        rt = self.rt
+        transport = self.transport
+        server_tls = self.policy.server_tls
+        assert transport is not None and server_tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(
+                transport,
+                self,
+                server_tls.context,
+                server_side=True,
+                ssl_handshake_timeout=rt.handshake_timeout,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            self._close_reason = f"TLS handshake failed: {exc}"
+            transport.abort()
+            return False
+        if new is None:
+            self._close_reason = "TLS handshake failed: connection closed"
+            return False
+        self.transport = new  # type: ignore[assignment]
+        ssl_object = new.get_extra_info("ssl_object")
+        self.tls = TlsFacts.from_ssl_object(ssl_object, began=began, sni=server_tls.sni_of(ssl_object))
+        self._peer_allowed = server_tls.peer_allowed(ssl_object)
+        rt.log.line(self.sid, "tls", {"tls": self.tls.log_value(), "sni": self.tls.sni, "began": began.value})
+        return True
+
+    def _client_cert_ok(self) -> bool:
+        """mTLS: OpenSSL verified the chain; the listener's pins are checked here."""
+        return self._peer_allowed
+
+    # ---- logs and cleanup -----------------------------------------------------------------
+
+    def _log_message(self, *, status: str, reply: Reply, size: int, **extra: object) -> None:
+        txn = self.txn
+        upstream = self.upstream
+        fields: dict[str, object] = {
+            "from": f"<{txn.sender}>" if txn else None,
+            "to": ",".join(f"<{r}>" for r in txn.recipients) if txn else None,
+            "size": size,
+            "tls": self.tls.log_value(),
+            "relay": upstream.peer if upstream else None,
+            "relay_tls": upstream.tls if upstream else None,
+            "delay": f"{time.monotonic() - txn.started:.3f}" if txn else None,
+            "status": status,
+            "reply": str(reply),
+        }
+        fields.update(extra)
+        self.rt.log.line(self.sid, "message", fields)
+
+    async def _finish(self, duration: float) -> None:
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            if upstream.in_transaction:
+                upstream.close()
+            else:
+                await upstream.quit()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if self._admitted:
+            self.gate.release(self.client_ip)
+            self.gate.sessions.discard(self)
+        session = self.session
+        fields: dict[str, object] = {"client": f"[{self.client_ip}]:{self.client_port}"}
+        if session is not None:
+            for verb, (ok, total) in session.counts.items():
+                fields[verb] = str(ok) if ok == total else f"{ok}/{total}"
+            if session.discarded_after_starttls:
+                fields["discarded_after_starttls"] = session.discarded_after_starttls
+        fields["reason"] = self._close_reason or None
+        fields["duration"] = f"{duration:.3f}"
+        self.rt.log.line(self.sid, "disconnect", fields)
+
+    def abort(self) -> None:
+        """Shutdown deadline passed: tell the client and drop the connection."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._write(replies.SHUTTING_DOWN.with_id(self.sid).wire)
+            self.transport.close()
+        self._close_reason = "shutdown deadline"
+        self._lost = True
+        self._wake()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
