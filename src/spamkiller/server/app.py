@@ -143,7 +143,8 @@ class Worker:
     def _current(self) -> Runtime:
         return self.runtime
 
-    async def start(self) -> None:
+    async def start(self, *, signals: bool = True) -> None:
+        """Bind every listener (and the dev upstream); `signals=False` for an embedded worker."""
         loop = asyncio.get_running_loop()
         if self.run_dev_upstream:
             dev = self.config.dev_upstream
@@ -169,9 +170,14 @@ class Worker:
                 {"listener": name, "address": f"{listener.address}:{listener.port}", "tls": listener.tls,
                  "require_tls": listener.require_tls},
             )
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if signals:
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def stop(self) -> None:
+        """Begin the same shutdown SIGTERM begins."""
+        self._stop.set()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and certificates; a bad new config is refused, the old one kept."""
