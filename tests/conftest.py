@@ -47,7 +47,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     names = ("mx.test.example", "localhost", "127.0.0.1")
     rsa = _write(tmp, "rsa", ca.issue_cert(*names, key_type=trustme.KeyType.RSA))
     ecdsa = _write(tmp, "ecdsa", ca.issue_cert(*names, key_type=trustme.KeyType.ECDSA))
-    other = _write(tmp, "other", ca.issue_cert("other.test.example", key_type=trustme.KeyType.ECDSA))
+    other = _write(
+        tmp, "other", ca.issue_cert("other.test.example", key_type=trustme.KeyType.ECDSA)
+    )
     upstream = _write(tmp, "upstream", ca.issue_cert("localhost", "127.0.0.1"))
     client = _write(tmp, "client", ca.issue_cert("client.test.example"))
     return Certs(ca, ca_file, rsa, ecdsa, other, upstream, client, wrong_file)
@@ -74,8 +76,14 @@ def mx_config(
                 {"cert": str(certs.ecdsa[0]), "key": str(certs.ecdsa[1])},
             ]
         },
-        "upstream": {"host": "127.0.0.1", "port": upstream_port, "use_tls": False,
-                     "timeout": "3s", "data_timeout": "3s", "connect_timeout": "3s"}
+        "upstream": {
+            "host": "127.0.0.1",
+            "port": upstream_port,
+            "use_tls": False,
+            "timeout": "3s",
+            "data_timeout": "3s",
+            "connect_timeout": "3s",
+        }
         | (upstream or {}),
         "dev_upstream": {"enabled": False},
         "data_dir": str(tmp_path / "data"),

@@ -39,8 +39,15 @@ def client_tls(certs: Certs) -> ssl.SSLContext:
     return ctx
 
 
-def send(port: int, certs: Certs, rcpts: list[str], msg: bytes = MESSAGE, *, tls: bool = True,
-         sender: str = "alice@sender.example") -> tuple[int, bytes]:
+def send(
+    port: int,
+    certs: Certs,
+    rcpts: list[str],
+    msg: bytes = MESSAGE,
+    *,
+    tls: bool = True,
+    sender: str = "alice@sender.example",
+) -> tuple[int, bytes]:
     """One transaction with smtplib; the (code, text) of the end-of-data reply."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
         smtp.ehlo("client.sender.example")
@@ -55,7 +62,10 @@ def send(port: int, certs: Certs, rcpts: list[str], msg: bytes = MESSAGE, *, tls
 
 
 def test_message_arrives_byte_exact_with_our_received_header(tmp_path: Path, certs: Certs) -> None:
-    with RecordingUpstream() as up, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         code, text = send(mx.port(), certs, ["bob@example.com"])
         assert code == 250 and b"Message accepted" in text
         assert len(up.messages) == 1
@@ -76,7 +86,10 @@ def test_message_arrives_byte_exact_with_our_received_header(tmp_path: Path, cer
 
 
 def test_plaintext_session_gets_esmtp_without_tls_clause(tmp_path: Path, certs: Certs) -> None:
-    with RecordingUpstream() as up, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         code, _ = send(mx.port(), certs, ["bob@example.com"], tls=False)
         assert code == 250
         header = up.messages[0].data.split(b"\r\nFrom: Alice")[0].decode()
@@ -85,7 +98,10 @@ def test_plaintext_session_gets_esmtp_without_tls_clause(tmp_path: Path, certs: 
 
 def test_only_crlf_and_stuffed_dots_reach_the_upstream(tmp_path: Path, certs: Certs) -> None:
     body = b"Subject: big\r\n\r\n" + b"".join(b".%05d line of text\r\n" % i for i in range(5000))
-    with RecordingUpstream() as up, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         code, _ = send(mx.port(), certs, ["bob@example.com"], body)
         assert code == 250
         data = up.messages[0].data
@@ -94,7 +110,10 @@ def test_only_crlf_and_stuffed_dots_reach_the_upstream(tmp_path: Path, certs: Ce
 
 
 def test_several_messages_share_one_upstream_session(tmp_path: Path, certs: Certs) -> None:
-    with RecordingUpstream() as up, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         with smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp:
             smtp.ehlo("c.example")
             for i in range(3):
@@ -104,15 +123,21 @@ def test_several_messages_share_one_upstream_session(tmp_path: Path, certs: Cert
             assert smtp.rset()[0] == 250
             smtp.sendmail("a@sender.example", ["last@example.com"], MESSAGE)
         assert up.connections == 1
-        assert [m.rcpts for m in up.messages] == [["u0@example.com"], ["u1@example.com"],
-                                                  ["u2@example.com"], ["last@example.com"]]
+        assert [m.rcpts for m in up.messages] == [
+            ["u0@example.com"],
+            ["u1@example.com"],
+            ["u2@example.com"],
+            ["last@example.com"],
+        ]
         assert b"RSET\r\n" in up.raw[0]
 
 
 def test_upstream_recipient_refusal_is_ours_at_rcpt_time(tmp_path: Path, certs: Certs) -> None:
     behaviour = Behaviour(rcpt_replies={"nobody@example.com": b"550 5.1.1 No such user"})
-    with RecordingUpstream(behaviour=behaviour) as up, \
-            Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream(behaviour=behaviour) as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         with smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp:
             smtp.ehlo("c.example")
             smtp.mail("a@sender.example")
@@ -124,7 +149,10 @@ def test_upstream_recipient_refusal_is_ours_at_rcpt_time(tmp_path: Path, certs: 
 
 
 def test_recipient_outside_our_domains_is_relay_denied(tmp_path: Path, certs: Certs) -> None:
-    with RecordingUpstream() as up, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         with RawClient(mx.port()) as c:
             c.reply()
             c.send(b"EHLO c.example\r\n")
@@ -147,7 +175,10 @@ def test_recipient_outside_our_domains_is_relay_denied(tmp_path: Path, certs: Ce
 
 
 def test_null_sender_and_bare_postmaster_are_accepted(tmp_path: Path, certs: Certs) -> None:
-    with RecordingUpstream() as up, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         with smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp:
             smtp.ehlo("c.example")
             assert smtp.mail("")[0] == 250  # smtplib sends MAIL FROM:<>
@@ -159,8 +190,12 @@ def test_null_sender_and_bare_postmaster_are_accepted(tmp_path: Path, certs: Cer
 def test_upstream_hosts_are_tried_in_order(tmp_path: Path, certs: Certs) -> None:
     with RecordingUpstream() as up:
         # 127.0.0.2 has nothing listening on that port: refused, then the next host is tried.
-        config = mx_config(tmp_path, certs, upstream_port=up.port,
-                           upstream={"host": None, "hosts": ["127.0.0.2", "127.0.0.1"]})
+        config = mx_config(
+            tmp_path,
+            certs,
+            upstream_port=up.port,
+            upstream={"host": None, "hosts": ["127.0.0.2", "127.0.0.1"]},
+        )
         with Mx(tmp_path, config) as mx:
             assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
         assert len(up.messages) == 1
@@ -197,15 +232,22 @@ def test_upstream_down_gives_4xx_at_rcpt(tmp_path: Path, certs: Certs) -> None:
         (["-f", "ehlo"], 4),  # upstream refuses our EHLO: cannot relay
     ],
 )
-def test_smtp_sink_faults_never_give_250(tmp_path: Path, certs: Certs, flags: list[str], expect: int) -> None:
-    with SmtpSink(flags) as sink, Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=sink.port)) as mx:
+def test_smtp_sink_faults_never_give_250(
+    tmp_path: Path, certs: Certs, flags: list[str], expect: int
+) -> None:
+    with (
+        SmtpSink(flags) as sink,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=sink.port)) as mx,
+    ):
         code, _ = never_250(mx.port(), certs)
         assert code // 100 == expect
 
 
 def test_smtp_sink_accepts_what_we_relay(tmp_path: Path, certs: Certs) -> None:
-    with SmtpSink() as sink, \
-            Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=sink.port)) as mx:
+    with (
+        SmtpSink() as sink,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=sink.port)) as mx,
+    ):
         assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
         assert mx.log.find("status=sent", f"relay=127.0.0.1[127.0.0.1]:{sink.port}")
 
@@ -213,8 +255,9 @@ def test_smtp_sink_accepts_what_we_relay(tmp_path: Path, certs: Certs) -> None:
 @pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "rcpt", "final"])
 def test_upstream_that_hangs_gives_4xx(tmp_path: Path, certs: Certs, stage: str) -> None:
     with RecordingUpstream(behaviour=Behaviour(hang_at=stage)) as up:
-        config = mx_config(tmp_path, certs, upstream_port=up.port,
-                           upstream={"timeout": "1s", "data_timeout": "1s"})
+        config = mx_config(
+            tmp_path, certs, upstream_port=up.port, upstream={"timeout": "1s", "data_timeout": "1s"}
+        )
         with Mx(tmp_path, config) as mx:
             code, _ = never_250(mx.port(), certs)
             assert code == 451
@@ -222,15 +265,19 @@ def test_upstream_that_hangs_gives_4xx(tmp_path: Path, certs: Certs, stage: str)
 
 @pytest.mark.parametrize("stage", ["rcpt", "final"])
 def test_upstream_that_closes_gives_4xx(tmp_path: Path, certs: Certs, stage: str) -> None:
-    with RecordingUpstream(behaviour=Behaviour(close_at=stage)) as up, \
-            Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream(behaviour=Behaviour(close_at=stage)) as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         assert never_250(mx.port(), certs)[0] == 451
 
 
 def test_upstream_2xx_other_than_250_is_not_acceptance(tmp_path: Path, certs: Certs) -> None:
     behaviour = Behaviour(final_reply=b"251 2.1.5 odd but positive")
-    with RecordingUpstream(behaviour=behaviour) as up, \
-            Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx:
+    with (
+        RecordingUpstream(behaviour=behaviour) as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
         assert never_250(mx.port(), certs)[0] == 451
 
 
@@ -244,22 +291,32 @@ def upstream_tls(certs: Certs, pair: tuple[Path, Path] | None = None) -> ssl.SSL
     return ctx
 
 
-def tls_upstream_config(tmp_path: Path, certs: Certs, port: int, **upstream: object) -> dict[str, object]:
-    settings: dict[str, object] = {"use_tls": True, "verify_cert": True, "ca_file": str(certs.ca_file)}
+def tls_upstream_config(
+    tmp_path: Path, certs: Certs, port: int, **upstream: object
+) -> dict[str, object]:
+    settings: dict[str, object] = {
+        "use_tls": True,
+        "verify_cert": True,
+        "ca_file": str(certs.ca_file),
+    }
     settings.update(upstream)
     return mx_config(tmp_path, certs, upstream_port=port, upstream=settings)
 
 
 def test_relay_uses_verified_tls(tmp_path: Path, certs: Certs) -> None:
-    with RecordingUpstream(upstream_tls(certs)) as up, \
-            Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, host="localhost")) as mx:
+    with (
+        RecordingUpstream(upstream_tls(certs)) as up,
+        Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, host="localhost")) as mx,
+    ):
         assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
         assert up.messages[0].tls
         assert mx.log.find("status=sent", "relay_tls=TLSv1.3/")
 
 
 @pytest.mark.parametrize("problem", ["wrong-ca", "wrong-name", "expired", "no-starttls"])
-def test_upstream_tls_failures_give_4xx_and_no_plaintext(tmp_path: Path, certs: Certs, problem: str) -> None:
+def test_upstream_tls_failures_give_4xx_and_no_plaintext(
+    tmp_path: Path, certs: Certs, problem: str
+) -> None:
     pair = certs.upstream
     behaviour = Behaviour()
     settings: dict[str, object] = {"host": "localhost"}
@@ -269,12 +326,16 @@ def test_upstream_tls_failures_give_4xx_and_no_plaintext(tmp_path: Path, certs: 
         settings["server_name"] = "not-the-upstream.example"
     elif problem == "expired":
         past = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
-        leaf = certs.ca.issue_cert("localhost", not_before=past - dt.timedelta(days=30), not_after=past)
+        leaf = certs.ca.issue_cert(
+            "localhost", not_before=past - dt.timedelta(days=30), not_after=past
+        )
         pair = _write(tmp_path, "expired", leaf)
     else:
         behaviour.offer_starttls = False
-    with RecordingUpstream(upstream_tls(certs, pair), behaviour) as up, \
-            Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, **settings)) as mx:
+    with (
+        RecordingUpstream(upstream_tls(certs, pair), behaviour) as up,
+        Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, **settings)) as mx,
+    ):
         code, _ = never_250(mx.port(), certs)
         assert code == 451
         assert not up.messages
@@ -287,8 +348,10 @@ def test_upstream_starttls_response_injection_is_discarded(tmp_path: Path, certs
     # A hostile upstream (or a man in the middle) appends a reply to its 220 in plaintext.
     # Were it kept, our EHLO over TLS would read the forged 550 and the relay would fail.
     behaviour = Behaviour(after_starttls_220=b"550 5.7.1 injected before TLS\r\n")
-    with RecordingUpstream(upstream_tls(certs), behaviour) as up, \
-            Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, host="localhost")) as mx:
+    with (
+        RecordingUpstream(upstream_tls(certs), behaviour) as up,
+        Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, host="localhost")) as mx,
+    ):
         assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
         assert up.messages and up.messages[0].tls
 
@@ -296,8 +359,14 @@ def test_upstream_starttls_response_injection_is_discarded(tmp_path: Path, certs
 def test_unverified_tls_when_admin_says_so(tmp_path: Path, certs: Certs) -> None:
     other_ca = trustme.CA()
     pair = _write(tmp_path, "selfish", other_ca.issue_cert("localhost"))
-    with RecordingUpstream(upstream_tls(certs, pair)) as up, \
-            Mx(tmp_path, tls_upstream_config(tmp_path, certs, up.port, host="localhost",
-                                             verify_cert=False, ca_file=None)) as mx:
+    with (
+        RecordingUpstream(upstream_tls(certs, pair)) as up,
+        Mx(
+            tmp_path,
+            tls_upstream_config(
+                tmp_path, certs, up.port, host="localhost", verify_cert=False, ca_file=None
+            ),
+        ) as mx,
+    ):
         assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
         assert up.messages[0].tls

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ class LogLines:
         pass
 
     def find(self, *needles: str) -> list[str]:
-        return [line for line in self.lines if all(n in line for n in needles)]
+        return [line for line in list(self.lines) if all(n in line for n in needles)]
+
+    def wait_for(self, *needles: str, timeout: float = 5.0) -> list[str]:
+        """Lines written by the server thread may lag the client by a moment."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.find(*needles)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return found
 
 
 class Mx:

@@ -25,7 +25,9 @@ class SmtpSink:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> SmtpSink:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_port(self.port)
         return self
 

@@ -33,7 +33,9 @@ class Behaviour:
 
 
 class RecordingUpstream:
-    def __init__(self, tls_context: ssl.SSLContext | None = None, behaviour: Behaviour | None = None) -> None:
+    def __init__(
+        self, tls_context: ssl.SSLContext | None = None, behaviour: Behaviour | None = None
+    ) -> None:
         self.tls_context = tls_context
         self.behaviour = behaviour or Behaviour()
         self.messages: list[Received] = []
@@ -108,7 +110,12 @@ class RecordingUpstream:
                 line = read_line()
                 verb = line[:4].upper()
                 if verb == b"EHLO":
-                    ext = [b"250-upstream.test", b"250-PIPELINING", b"250-8BITMIME", b"250-SMTPUTF8"]
+                    ext = [
+                        b"250-upstream.test",
+                        b"250-PIPELINING",
+                        b"250-8BITMIME",
+                        b"250-SMTPUTF8",
+                    ]
                     if b.offer_starttls and self.tls_context is not None and not tls:
                         ext.append(b"250-STARTTLS")
                     ext.append(b"250 SIZE 100000000")
@@ -123,7 +130,9 @@ class RecordingUpstream:
                     sock = self.tls_context.wrap_socket(conn, server_side=True)
                     tls = True
                 elif verb == b"MAIL":
-                    current = Received(mail_from=line[10:].decode().split(">")[0].lstrip("<"), tls=tls)
+                    current = Received(
+                        mail_from=line[10:].decode().split(">")[0].lstrip("<"), tls=tls
+                    )
                     if not answer("mail", b.mail_reply):
                         return
                 elif verb == b"RCPT":

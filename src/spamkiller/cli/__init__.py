@@ -24,7 +24,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("-c", "--config", "config_file", metavar="FILE", help="YAML config (default: built-in).")
+@click.option(
+    "-c", "--config", "config_file", metavar="FILE", help="YAML config (default: built-in)."
+)
 def run(config_file: str | None) -> None:
     """Run the MX in the foreground; logs go to stdout."""
     from spamkiller.server.app import run as run_app
@@ -59,7 +61,9 @@ def config_group() -> None:
 
 
 @config_group.command("dump")
-@click.option("-c", "--config", "config_file", metavar="FILE", help="YAML config (default: built-in).")
+@click.option(
+    "-c", "--config", "config_file", metavar="FILE", help="YAML config (default: built-in)."
+)
 def config_dump(config_file: str | None) -> None:
     """Print the effective configuration, defaults included."""
     from spamkiller.config import dump_effective, load

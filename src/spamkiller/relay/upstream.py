@@ -12,11 +12,10 @@ Rules this module keeps:
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import socket
 import ssl
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from spamkiller.errors import ProtocolError, UpstreamUnavailable
 from spamkiller.smtp.client import ClientSession
@@ -277,7 +276,7 @@ class Upstream:
             raise UpstreamUnavailable(f"TLS to upstream failed: {exc}") from None
         if transport is None:
             raise UpstreamUnavailable("TLS to upstream failed: connection closed")
-        link.transport = transport  # type: ignore[assignment]
+        link.transport = transport
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             raise UpstreamUnavailable("TLS to upstream failed")
@@ -296,6 +295,3 @@ def parse_queue_id(reply: Reply) -> str | None:
                 return token[:64]
     return None
 
-
-def upstream_hosts(host: str | None, hosts: Sequence[str]) -> tuple[str, ...]:
-    return (host,) if host else tuple(hosts)

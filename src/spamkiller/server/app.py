@@ -124,7 +124,13 @@ class Worker:
     """Serves every listener of the config in the running event loop until SIGTERM."""
 
     def __init__(
-        self, config_path: Path | None, config: Config, runtime: Runtime, *, reuse_port: bool, dev: bool
+        self,
+        config_path: Path | None,
+        config: Config,
+        runtime: Runtime,
+        *,
+        reuse_port: bool,
+        dev: bool,
     ) -> None:
         self.config_path = config_path
         self.config = config
@@ -143,6 +149,12 @@ class Worker:
     def _current(self) -> Runtime:
         return self.runtime
 
+    def _factory(self, name: str) -> Callable[[], InboundConnection]:
+        def make() -> InboundConnection:
+            return InboundConnection(name, self._current, self.gate)
+
+        return make
+
     async def start(self, *, signals: bool = True) -> None:
         """Bind every listener (and the dev upstream); `signals=False` for an embedded worker."""
         loop = asyncio.get_running_loop()
@@ -150,12 +162,13 @@ class Worker:
             dev = self.config.dev_upstream
             self._dev = DevUpstream(self.config.dev_maildir)
             await self._dev.start(dev.address, dev.port)
-            self.log.line("-", "dev-upstream", {"listen": f"{dev.address}:{dev.port}", "maildir": self.config.dev_maildir})
-        for listener in self.config.listeners:
-            name = listener.name
-            factory: Callable[[], InboundConnection] = (
-                lambda name=name: InboundConnection(name, self._current, self.gate)  # type: ignore[misc]
+            self.log.line(
+                "-",
+                "dev-upstream",
+                {"listen": f"{dev.address}:{dev.port}", "maildir": self.config.dev_maildir},
             )
+        for listener in self.config.listeners:
+            factory = self._factory(listener.name)
             server = await loop.create_server(
                 factory,
                 listener.address,
@@ -167,8 +180,12 @@ class Worker:
             self.log.line(
                 "-",
                 "listen",
-                {"listener": name, "address": f"{listener.address}:{listener.port}", "tls": listener.tls,
-                 "require_tls": listener.require_tls},
+                {
+                    "listener": listener.name,
+                    "address": f"{listener.address}:{listener.port}",
+                    "tls": listener.tls,
+                    "require_tls": listener.require_tls,
+                },
             )
         if signals:
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -180,7 +197,7 @@ class Worker:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config and certificates; a bad new config is refused, the old one kept."""
+        """SIGHUP: re-read config and certificates; a bad new config is refused, the old kept."""
         try:
             config = load(self.config_path)
             runtime = build_runtime(config, self.log)
@@ -188,7 +205,9 @@ class Worker:
             self.log.line("-", "reload", {"status": "refused", "problems": "; ".join(exc.problems)})
             return
         if _listener_set(config) != _listener_set(self.config):
-            self.log.line("-", "reload", {"note": "listener address changes take effect after a restart"})
+            self.log.line(
+                "-", "reload", {"note": "listener address changes take effect after a restart"}
+            )
         self.config = config
         self.runtime = runtime
         self.gate.max_connections = config.limits.max_connections
@@ -203,7 +222,11 @@ class Worker:
         """Turn new sessions away with 421, let the others finish, then cut what is left."""
         gate = self.gate
         gate.draining = True
-        self.log.line("-", "shutdown", {"sessions": len(gate.sessions), "timeout": self.config.shutdown_timeout})
+        self.log.line(
+            "-",
+            "shutdown",
+            {"sessions": len(gate.sessions), "timeout": self.config.shutdown_timeout},
+        )
         deadline = time.monotonic() + self.config.shutdown_timeout
         while gate.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -260,7 +283,7 @@ def run(config_path: Path | None) -> int:
 
 
 def _supervise(config_path: Path | None, config: Config) -> int:
-    """Fork `workers` processes on SO_REUSEPORT; the parent runs the dev upstream and forwards signals."""
+    """Fork `workers` processes sharing ports; the parent forwards signals, runs dev upstream."""
     children: dict[int, int] = {}
 
     def spawn(slot: int) -> None:
@@ -301,7 +324,11 @@ def _supervise(config_path: Path | None, config: Config) -> int:
                 break
             slot = children.pop(pid, None)
             if slot is not None and not stopping.is_set():
-                log.line("-", "worker", {"pid": pid, "status": os.waitstatus_to_exitcode(status), "action": "restart"})
+                log.line(
+                    "-",
+                    "worker",
+                    {"pid": pid, "status": os.waitstatus_to_exitcode(status), "action": "restart"},
+                )
                 time.sleep(0.2)
                 spawn(slot)
 

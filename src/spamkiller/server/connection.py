@@ -26,7 +26,6 @@ from spamkiller.relay.upstream import Upstream, UpstreamSession, parse_queue_id
 from spamkiller.server.received import protocol_name, received_header
 from spamkiller.smtp import replies
 from spamkiller.smtp.events import (
-    NEED_DATA,
     BdatChunk,
     ConnectionClosed,
     DataCommand,
@@ -35,6 +34,7 @@ from spamkiller.smtp.events import (
     Event,
     MailFrom,
     MessageReceived,
+    NeedData,
     Quit,
     RcptTo,
     Reset,
@@ -76,7 +76,7 @@ class ListenerPolicy:
 
 @dataclass(slots=True, kw_only=True)
 class Runtime:
-    """Everything a session needs, replaced as a whole on reload; a session keeps the one it began with."""
+    """What sessions need; replaced whole on reload (a session keeps the one it began with)."""
 
     hostname: str
     domains: frozenset[str]
@@ -164,8 +164,8 @@ class InboundConnection(asyncio.Protocol):
         self.client_ip, self.client_port = str(peer[0]), int(peer[1])
         refusal = self.gate.admit(self.client_ip)
         if refusal is not None:
-            transport.write(refusal.with_id(self.sid).wire)
-            transport.close()
+            self.transport.write(refusal.with_id(self.sid).wire)
+            self.transport.close()
             self.rt.log.line(
                 self.sid, "refused", {"client": f"[{self.client_ip}]", "reason": refusal.text}
             )
@@ -231,9 +231,8 @@ class InboundConnection(asyncio.Protocol):
         policy = self.policy
         began = time.monotonic()
         try:
-            if policy.tls == "implicit":
-                if not await self._handshake(TlsStart.IMPLICIT):
-                    return
+            if policy.tls == "implicit" and not await self._handshake(TlsStart.IMPLICIT):
+                return
             starttls = policy.tls == "starttls" and policy.server_tls is not None
             self.session = session = ServerSession(
                 hostname=rt.hostname,
@@ -263,7 +262,9 @@ class InboundConnection(asyncio.Protocol):
         except Exception as exc:  # a bug must end this session, not the server
             self._close_reason = f"internal error: {type(exc).__name__}: {exc}"
             if self.session is not None and self.session.state is not State.CLOSED:
-                self._write(Reply(421, "4.3.0", "Internal error, closing connection").with_id(self.sid).wire)
+                self._write(
+                    Reply(421, "4.3.0", "Internal error, closing connection").with_id(self.sid).wire
+                )
         finally:
             await self._finish(time.monotonic() - began)
 
@@ -271,7 +272,7 @@ class InboundConnection(asyncio.Protocol):
         rt = self.rt
         while True:
             event = session.next_event()
-            if event is NEED_DATA:
+            if isinstance(event, NeedData):
                 if self._lost:
                     self._close_reason = "lost"
                     return
@@ -306,7 +307,7 @@ class InboundConnection(asyncio.Protocol):
                 return
 
     async def _decide(self, event: Event) -> Reply:
-        """The reply to one event: the session's own answer unless our rules or the upstream differ."""
+        """The reply to one event: the session's own, unless our rules or the upstream differ."""
         if isinstance(event, MailFrom):
             params = []
             if event.params.body != "7BIT":
@@ -325,7 +326,9 @@ class InboundConnection(asyncio.Protocol):
             return await self._message(event)
         if isinstance(event, DataRejected):
             self._abort_upstream_data()
-            self._log_message(status="rejected", reply=event.reply, size=event.size, reason=event.reason)
+            self._log_message(
+                status="rejected", reply=event.reply, size=event.size, reason=event.reason
+            )
             self.txn = None
             return event.reply
         if isinstance(event, BdatChunk):
@@ -401,11 +404,15 @@ class InboundConnection(asyncio.Protocol):
             reply = await upstream.data_finish(header, event.data.stuffed())
         except UpstreamUnavailable as exc:
             self._upstream_failed(exc)
-            self._log_message(status="deferred", reply=UPSTREAM_UNAVAILABLE, size=event.data.size, reason=str(exc))
+            self._log_message(
+                status="deferred", reply=UPSTREAM_UNAVAILABLE, size=event.data.size, reason=str(exc)
+            )
             return UPSTREAM_UNAVAILABLE
         if reply.code == 250:
             queue_id = parse_queue_id(reply)
-            self._log_message(status="sent", reply=reply, size=event.data.size, upstream_id=queue_id)
+            self._log_message(
+                status="sent", reply=reply, size=event.data.size, upstream_id=queue_id
+            )
             return Reply(250, "2.0.0", f"Message accepted (id {self.sid})")
         status = "bounced" if reply.is_permanent else "deferred"
         self._log_message(status=status, reply=reply, size=event.data.size)
@@ -441,7 +448,7 @@ class InboundConnection(asyncio.Protocol):
             self._upstream_failed(exc)
 
     def _abort_upstream_data(self) -> None:
-        """After DATA went upstream, only a closed connection makes the upstream drop the message."""
+        """Once DATA went upstream, only closing the connection makes the upstream drop it."""
         if self.upstream is not None and self.upstream.data_pending:
             self.upstream.close()
             self.upstream = None
@@ -469,11 +476,17 @@ class InboundConnection(asyncio.Protocol):
         if new is None:
             self._close_reason = "TLS handshake failed: connection closed"
             return False
-        self.transport = new  # type: ignore[assignment]
+        self.transport = new
         ssl_object = new.get_extra_info("ssl_object")
-        self.tls = TlsFacts.from_ssl_object(ssl_object, began=began, sni=server_tls.sni_of(ssl_object))
+        self.tls = TlsFacts.from_ssl_object(
+            ssl_object, began=began, sni=server_tls.sni_of(ssl_object)
+        )
         self._peer_allowed = server_tls.peer_allowed(ssl_object)
-        rt.log.line(self.sid, "tls", {"tls": self.tls.log_value(), "sni": self.tls.sni, "began": began.value})
+        rt.log.line(
+            self.sid,
+            "tls",
+            {"tls": self.tls.log_value(), "sni": self.tls.sni, "began": began.value},
+        )
         return True
 
     def _client_cert_ok(self) -> bool:

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from spamkiller.smtp.events import NEED_DATA, ConnectionClosed, MailFrom, MessageReceived
+from spamkiller.smtp.events import ConnectionClosed, MailFrom, MessageReceived, NeedData
 from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
 from spamkiller.smtp.server import ServerSession
@@ -68,7 +68,7 @@ class DevUpstream:
         try:
             while session.state is not State.CLOSED:
                 event = session.next_event()
-                if event is NEED_DATA:
+                if isinstance(event, NeedData):
                     session.receive_data(await reader.read(65536))
                     continue
                 if isinstance(event, ConnectionClosed):
@@ -78,9 +78,7 @@ class DevUpstream:
                     sender = str(event.sender or "")
                 elif isinstance(event, MessageReceived):
                     content = event.data.content()
-                    name = await loop.run_in_executor(
-                        None, deliver, self.maildir, sender, content
-                    )
+                    name = await loop.run_in_executor(None, deliver, self.maildir, sender, content)
                     reply = Reply(250, "2.0.0", f"Ok: queued as {name.split('.')[0]}")
                 writer.write(session.send(reply))
                 await writer.drain()

@@ -21,6 +21,8 @@ from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
 from spamkiller.smtp.states import TRANSITIONS, State, Verb
 
+# Commands whose only good answer is an intermediate reply; anything else leaves no transaction.
+_WANTS_GO_AHEAD = {Verb.DATA: 354, Verb.STARTTLS: 220}
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |\Z)")
 
 
@@ -68,7 +70,7 @@ class ClientSession:
             line = bytes(buf[pos:end])
             lines.append(line)
             pos = end + 2
-            if len(line) < 3 or len(line) > 3 and line[3] not in (32, 45):
+            if len(line) < 3 or (len(line) > 3 and line[3] not in (32, 45)):
                 raise RemoteProtocolError(f"malformed reply line {line[:40]!r}")
             if len(line) == 3 or line[3] == 32:
                 del buf[:pos]
@@ -114,11 +116,9 @@ class ClientSession:
             self.state = State.GREETED if reply.code == 220 else State.CLOSED
         elif verb in (Verb.EHLO, Verb.HELO) and ok:
             self.extensions = _parse_extensions(reply) if verb is Verb.EHLO else {}
-        elif verb is Verb.MAIL and not ok:
-            self.state = State.READY
-        elif verb is Verb.DATA and reply.code != 354:
-            self.state = State.READY
-        elif verb is Verb.STARTTLS and reply.code != 220:
+        elif (verb is Verb.MAIL and not ok) or (
+            verb in _WANTS_GO_AHEAD and reply.code != _WANTS_GO_AHEAD[verb]
+        ):
             self.state = State.READY
         if reply.code == 421:
             self.state = State.CLOSED
@@ -156,7 +156,7 @@ class ClientSession:
         return self._command(Verb.DATA)
 
     def message(self, stuffed: bytes) -> bytes:
-        """The message text after 354: dot-stuffed CRLF lines (ending in CRLF) plus the final dot."""
+        """The text after 354: dot-stuffed CRLF lines (ending in CRLF) plus the final dot."""
         if self.state is not State.DATA:
             raise LocalProtocolError("message text only after a 354 reply to DATA")
         if stuffed and not stuffed.endswith(b"\r\n"):

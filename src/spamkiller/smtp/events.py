@@ -41,7 +41,7 @@ class MessageData:
         self.size = len(raw) if raw is not None else len(stuffed or b"")
 
     def stuffed(self) -> bytes:
-        """CRLF lines, each leading '.' doubled, ending in CRLF (or empty); without the final dot."""
+        """CRLF lines, leading dots doubled, ending in CRLF (or empty); no final dot."""
         if self._stuffed is None:
             raw = self._raw or b""
             if raw and not raw.endswith(b"\r\n"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One SMTP reply: a three-digit code, an optional enhanced status code and one or more lines."""
+    """One SMTP reply: a code, an optional enhanced status code, one or more lines."""
 
     code: int
     enhanced: str = ""

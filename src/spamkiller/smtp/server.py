@@ -125,7 +125,7 @@ class ServerSession:
 
     @property
     def buffered(self) -> int:
-        """Unprocessed input octets: the driver pauses reading above `limits.max_pipeline_buffer`."""
+        """Unprocessed input; the driver pauses reading above `limits.max_pipeline_buffer`."""
         return len(self._buf) if self.state is not State.DATA and self._chunk is None else 0
 
     # ---- output ---------------------------------------------------------------------------
@@ -164,8 +164,10 @@ class ServerSession:
             tally[1] += 1
             if ok:
                 tally[0] += 1
-        if reply.code == 421 or isinstance(event, Quit) or (
-            isinstance(event, Violation) and event.close
+        if (
+            reply.code == 421
+            or isinstance(event, Quit)
+            or (isinstance(event, Violation) and event.close)
         ):
             self.state = State.CLOSED
         elif isinstance(event, MessageReceived | DataRejected):
@@ -329,7 +331,9 @@ class ServerSession:
         if verb is Verb.EHLO or verb is Verb.HELO:
             name = arg.strip(" ")
             if not _HELO_NAME.match(name):
-                return self._violation("bad HELO name", Reply(501, "5.5.4", f"Syntax: {verb.value} hostname"))
+                return self._violation(
+                    "bad HELO name", Reply(501, "5.5.4", f"Syntax: {verb.value} hostname")
+                )
             extended = verb is Verb.EHLO
             reply = self.ehlo_reply() if extended else Reply(250, "", self.hostname)
             return Ehlo(name, extended, reply)
@@ -347,7 +351,9 @@ class ServerSession:
             return StartTls(replies.READY_TLS)
         if verb is Verb.VRFY:
             if not arg.strip():
-                return self._violation("VRFY without argument", Reply(501, "5.5.4", "Syntax: VRFY address"))
+                return self._violation(
+                    "VRFY without argument", Reply(501, "5.5.4", "Syntax: VRFY address")
+                )
             return Answer(verb.value, replies.VRFY_CANNOT)
         if verb is Verb.EXPN:
             return Answer(verb.value, replies.NOT_IMPLEMENTED)
@@ -383,7 +389,9 @@ class ServerSession:
         size = len(body) + self._dropped
         return self._finish_message(size, stuffed=body)
 
-    def _finish_message(self, size: int, *, stuffed: bytes | None = None, raw: bytes | None = None) -> Event:
+    def _finish_message(
+        self, size: int, *, stuffed: bytes | None = None, raw: bytes | None = None
+    ) -> Event:
         if size > self.limits.max_message_size:
             return DataRejected("message too big", size, replies.MESSAGE_TOO_BIG)
         body = stuffed if stuffed is not None else raw or b""

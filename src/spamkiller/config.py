@@ -1,0 +1,810 @@
+"""The configuration: pydantic models with defaults in code, and ``load(path) -> Config``.
+
+Rules this module keeps:
+
+- Every default lives here, in code; the admin's YAML file only overrides. ``load(None)`` is a
+  working local setup: one STARTTLS listener on 127.0.0.1:2525 relaying to the built-in development
+  upstream on 127.0.0.1:2526, with a self-signed certificate made in ``data_dir`` on first run.
+- Unknown keys are errors at every level (a typo must not silently fall back to a default), and
+  so are duplicate keys in one YAML mapping (PyYAML would keep the last one without a word).
+- An admin's mistake never becomes a traceback: ``load`` raises ``ConfigError`` carrying one
+  ``key.path: reason`` line per problem, all problems at once (``listeners.0.port: must be between
+  1 and 65535``). Problems that span fields are reported at the field the admin has to change.
+- Durations accept seconds or ``30s``/``5m``/``2h``/``7d``/``250ms`` and are stored as float
+  seconds; sizes accept bytes or ``50MiB``/``10MB``/... and are stored as int bytes (see
+  ``spamkiller.units``). ``model_dump(mode="json")`` and ``dump_effective`` write them back in
+  that form, so a dump loads again to an equal ``Config``.
+- Relative paths in a file (certificates, keys, CA files, ``data_dir``, ``maildir``) are resolved
+  against the directory of that file, not the working directory of whoever started the service.
+  Defaults that are relative stay relative to the working directory.
+- Settings that would silently do nothing are errors (``client_cert_pins`` on a listener that asks
+  for no client certificate), because an admin who wrote them believes they are in force.
+- Loading touches no file but the config itself; ``check_files`` does the slower checks of the
+  files it names (what ``spam-killer check-config`` adds).
+
+Imports pydantic, PyYAML and ``spamkiller.errors``/``spamkiller.units``; ``check_files`` imports
+``spamkiller.tls`` when called, so the checks and the CLI can load a config without the TLS code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode
+
+from spamkiller.errors import ConfigError
+from spamkiller.units import format_duration, format_size, parse_duration, parse_size
+
+__all__ = [
+    "CertificatePair",
+    "Config",
+    "DevUpstreamConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "LogConfig",
+    "TlsConfig",
+    "UpstreamConfig",
+    "check_files",
+    "dump_effective",
+    "load",
+]
+
+# --------------------------------------------------------------------------------------------
+# Problems that span fields
+# --------------------------------------------------------------------------------------------
+
+_Loc = tuple[str | int, ...]
+
+
+class _ProblemsError(ValueError):
+    """Raised by model validators: problems with paths relative to the model being validated.
+
+    pydantic reports a model validator's error at the model's own location; carrying the field
+    path inside the exception lets ``load`` point at the key the admin has to change, and lets one
+    validator report several problems at once.
+    """
+
+    def __init__(self, problems: list[tuple[_Loc, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{_dotted(loc)}: {reason}" for loc, reason in problems))
+
+
+def _dotted(loc: _Loc) -> str:
+    return ".".join(str(part) for part in loc) if loc else "(top level)"
+
+
+# --------------------------------------------------------------------------------------------
+# Field types
+# --------------------------------------------------------------------------------------------
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, str | int | float):
+        return parse_duration(value)
+    raise ValueError(f"expected a duration such as 30s, 5m or 2h, got {_kind(value)}")
+
+
+def _size(value: object) -> int:
+    if isinstance(value, str | int):
+        return parse_size(value)
+    raise ValueError(f"expected a size such as 50MiB or 10MB, got {_kind(value)}")
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _not_bool(value: object) -> object:
+    # pydantic turns true into 1; "port: yes" is a typo, not port 1.
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number, not true/false")
+    return value
+
+
+def _between(low: int, high: int, *, show: Callable[[int], str] = str) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {show(low)} and {show(high)}")
+        return value
+
+    return check
+
+
+def _at_least(low: int, reason: str = "") -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if value < low:
+            raise ValueError(f"must be at least {low}{reason}")
+        return value
+
+    return check
+
+
+def _positive_seconds(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be longer than 0s")
+    return value
+
+
+_DURATION_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?|\.\d+)\s*([mM][sS]|[sSmMhHdD])?\s*$"},
+    ],
+    "description": "seconds, or a number with ms, s, m, h or d",
+}
+_SIZE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgG][iI]?)?[bB]?\s*$"},
+    ],
+    "description": "bytes, or a number with B, kB, MB, GB, KiB, MiB or GiB",
+}
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(_DURATION_SCHEMA),
+]
+"""Seconds as a float; accepts 30, "30s", "5m", "2h", "7d", "250ms"."""
+
+Timeout = Annotated[Duration, AfterValidator(_positive_seconds)]
+"""A Duration that must be above zero: a zero timeout would fail every operation."""
+
+Size = Annotated[
+    int,
+    BeforeValidator(_size),
+    PlainSerializer(format_size, return_type=str, when_used="json"),
+    WithJsonSchema(_SIZE_SCHEMA),
+]
+"""Bytes as an int; accepts 2048, "50MiB", "10MB", "512KiB", "100kB"."""
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Port = Annotated[Int, AfterValidator(_between(1, 65535))]
+
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _dns_name(value: str) -> str:
+    name = value.strip().lower()
+    # One trailing dot is the absolute form of the same name.
+    name = name.removesuffix(".")
+    if not name:
+        raise ValueError("must be a DNS name, got an empty string")
+    if not name.isascii():
+        raise ValueError(
+            f"{value!r} is not an ASCII DNS name (write internationalised names in xn-- form)"
+        )
+    if len(name) > 253:
+        raise ValueError(f"must be at most 253 characters, got {len(name)}")
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            raise ValueError(
+                f"{value!r} is not a valid DNS name (labels of 1-63 letters, digits and "
+                "hyphens, not starting or ending with a hyphen)"
+            )
+    return name
+
+
+def _ip_literal(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+def _host(value: str) -> str:
+    """A host to connect to: an IP address literal or a DNS name."""
+    text = value.strip()
+    try:
+        return str(ipaddress.ip_address(text.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        return _dns_name(text)
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+
+
+def _listener_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(
+            f"{value!r} is not a listener name (1-64 letters, digits, underscores, hyphens)"
+        )
+    return value
+
+
+def _pin(value: str) -> str:
+    text = value.strip()
+    prefix = "sha256/"
+    if not text.startswith(prefix):
+        raise ValueError(f"{value!r} must look like sha256/<base64 of 32 bytes>")
+    try:
+        digest = base64.b64decode(text[len(prefix) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{value!r}: the part after sha256/ is not base64") from None
+    if len(digest) != 32:
+        raise ValueError(f"{value!r}: decodes to {len(digest)} bytes, a SHA-256 pin has 32")
+    return text
+
+
+def _non_empty_path(value: object) -> object:
+    # Path("") is ".", which would quietly mean "the config directory".
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a path, got an empty string")
+    return value
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    if isinstance(base, Path) and not value.is_absolute():
+        return base / value
+    return value
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+IpLiteral = Annotated[str, AfterValidator(_ip_literal)]
+Host = Annotated[str, AfterValidator(_host)]
+Network = Annotated[str, AfterValidator(_network)]
+ListenerName = Annotated[str, AfterValidator(_listener_name)]
+SpkiPin = Annotated[str, AfterValidator(_pin)]
+
+
+def _path_out(value: Path, info: SerializationInfo) -> str:
+    # dump_effective asks for absolute paths: the dump then means the same wherever it is saved.
+    if isinstance(info.context, dict) and info.context.get("absolute_paths"):
+        return str(value.absolute())
+    return str(value)
+
+
+FilePath = Annotated[
+    Path,
+    BeforeValidator(_non_empty_path),
+    AfterValidator(_resolve),
+    PlainSerializer(_path_out, return_type=str, when_used="json"),
+]
+"""A path; relative ones are resolved against the directory of the config file."""
+
+
+def _unique_names(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _default_hostname() -> str:
+    # getfqdn() can return names that are no DNS name (container ids with underscores, an
+    # unconfigured box); the default must always validate, so fall back to localhost.
+    try:
+        return _dns_name(socket.getfqdn())
+    except ValueError:
+        return "localhost"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+class ListenerConfig(_Model):
+    """One listening socket and the TLS policy of the sessions it accepts."""
+
+    name: ListenerName
+    address: IpLiteral = "0.0.0.0"
+    port: Port
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    require_tls: bool = Field(
+        default=False,
+        description="Answer 530 5.7.0 until STARTTLS. Never on public port 25 by default "
+        "(RFC 3207 section 4): plaintext is scored there instead.",
+    )
+    proxy_protocol: bool = Field(
+        default=False,
+        description="Expect a HAProxy PROXY v1/v2 header from trusted_proxies, giving the real "
+        "client address.",
+    )
+    trusted_proxies: list[Network] = Field(default_factory=list)
+    client_cert: Literal["none", "optional", "required"] = "none"
+    client_ca_file: FilePath | None = Field(
+        default=None,
+        description="CA certificates that client certificates are verified against. Required "
+        "whenever client_cert is optional or required, pins or not: the handshake can only ask "
+        "for a certificate it can verify.",
+    )
+    client_cert_pins: list[SpkiPin] = Field(
+        default_factory=list,
+        description="sha256/<base64> SPKI pins; when given, a client certificate must also match "
+        "one of them (checked right after the handshake).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        problems: list[tuple[_Loc, str]] = []
+        if self.tls == "none" and self.require_tls:
+            problems.append((("require_tls",), "needs tls: starttls or implicit"))
+        if self.client_cert != "none":
+            if self.tls == "none":
+                problems.append((("client_cert",), "needs tls: starttls or implicit"))
+            if self.client_ca_file is None:
+                problems.append(
+                    (
+                        ("client_ca_file",),
+                        f"required when client_cert is {self.client_cert} (client_cert_pins "
+                        "narrow it further but cannot replace it)",
+                    )
+                )
+        else:
+            if self.client_ca_file is not None:
+                problems.append(
+                    (
+                        ("client_ca_file",),
+                        "has no effect unless client_cert is optional or required",
+                    )
+                )
+            if self.client_cert_pins:
+                problems.append(
+                    (
+                        ("client_cert_pins",),
+                        "have no effect unless client_cert is optional or required",
+                    )
+                )
+        if self.proxy_protocol and not self.trusted_proxies:
+            problems.append(
+                (
+                    ("trusted_proxies",),
+                    "required when proxy_protocol is true: the addresses allowed to send a PROXY "
+                    "header",
+                )
+            )
+        if problems:
+            raise _ProblemsError(problems)
+        return self
+
+
+class CertificatePair(_Model):
+    """A certificate (leaf first, then its chain) and its unencrypted private key, PEM."""
+
+    cert: FilePath
+    key: FilePath
+
+
+class TlsConfig(_Model):
+    """Server certificates and protocol floor shared by all listeners."""
+
+    certificates: list[CertificatePair] = Field(
+        default_factory=list,
+        description="RSA and ECDSA pairs are served together; SNI picks by name. Empty: a "
+        "self-signed pair is made in data_dir on first start.",
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    handshake_timeout: Timeout = 30.0
+
+
+class UpstreamConfig(_Model):
+    """The mail server accepted mail is relayed to, before we answer 250."""
+
+    host: Host | None = None
+    hosts: list[Host] = Field(
+        default_factory=list, description="Tried in order. Give host or hosts, not both."
+    )
+    port: Port = 2526
+    use_tls: bool = Field(
+        default=False,
+        description="Relay over TLS (STARTTLS), never falling back to plaintext. Off by default "
+        "only because the default upstream is the built-in development upstream on 127.0.0.1; "
+        "turn it on for every real upstream (the documented deployment uses use_tls: true).",
+    )
+    verify_cert: bool = True
+    ca_file: FilePath | None = Field(
+        default=None,
+        description="Extra trust anchor for a private upstream, on top of the system's.",
+    )
+    client_cert: FilePath | None = None
+    client_key: FilePath | None = None
+    server_name: DnsName | None = Field(
+        default=None, description="Name to verify and send as SNI; default: the host connected to."
+    )
+    connect_timeout: Timeout = 30.0
+    timeout: Timeout = Field(
+        default=300.0, description="Per upstream reply (RFC 5321 4.5.3.2: 5 minutes)."
+    )
+    data_timeout: Timeout = Field(
+        default=600.0, description="For the reply to the end of data (RFC 5321 4.5.3.2.6)."
+    )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The hosts to try, in order."""
+        if self.host is not None:
+            return (self.host,)
+        if self.hosts:
+            return tuple(self.hosts)
+        return ("127.0.0.1",)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        problems: list[tuple[_Loc, str]] = []
+        if self.host is not None and self.hosts:
+            problems.append((("hosts",), "give host or hosts, not both"))
+        if self.client_cert is not None and self.client_key is None:
+            problems.append((("client_key",), "required with client_cert"))
+        if self.client_key is not None and self.client_cert is None:
+            problems.append((("client_cert",), "required with client_key"))
+        if problems:
+            raise _ProblemsError(problems)
+        return self
+
+
+class DevUpstreamConfig(_Model):
+    """The built-in development upstream: an SMTP server on 127.0.0.1 storing mail in a Maildir."""
+
+    enabled: bool = True
+    address: IpLiteral = "127.0.0.1"
+    port: Port = 2526
+    maildir: FilePath | None = Field(default=None, description="Default: data_dir/maildir.")
+
+
+def _show_size(value: int) -> str:
+    return format_size(value)
+
+
+class LimitsConfig(_Model):
+    """Every per-session and global limit, with the reason for its floor where a RFC sets one."""
+
+    max_message_size: Annotated[
+        Size, AfterValidator(_between(1024, 2 * 1024**3, show=_show_size))
+    ] = Field(
+        default=50 * 1024**2,
+        description="Advertised in SIZE; larger DATA is read to the end and answered 552.",
+    )
+    max_recipients: Annotated[Int, AfterValidator(_between(1, 100_000))] = Field(
+        default=100, description="RFC 5321 4.5.3.1.8 asks for at least 100."
+    )
+    max_command_length: Annotated[Int, AfterValidator(_at_least(512, " (RFC 5321 4.5.3.1.4)"))] = (
+        512
+    )
+    max_line_length: Annotated[Int, AfterValidator(_at_least(1000, " (RFC 5321 4.5.3.1.6)"))] = 1000
+    max_bad_commands: Annotated[Int, AfterValidator(_at_least(1))] = Field(
+        default=20, description="Unknown or malformed commands before 421 and disconnect."
+    )
+    command_timeout: Timeout = Field(
+        default=300.0, description="Waiting for the next command (RFC 5321 4.5.3.2.7: 5 minutes)."
+    )
+    data_timeout: Timeout = Field(
+        default=180.0, description="Per DATA block read (RFC 5321 4.5.3.2.5: 3 minutes)."
+    )
+    max_connections: Annotated[Int, AfterValidator(_at_least(1))] = Field(
+        default=1000, description="Global; 421 4.7.0 above it."
+    )
+    max_connections_per_ip: Annotated[Int, AfterValidator(_at_least(1))] = 20
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.max_connections_per_ip > self.max_connections:
+            raise _ProblemsError(
+                [
+                    (
+                        ("max_connections_per_ip",),
+                        f"must not exceed max_connections ({self.max_connections})",
+                    )
+                ]
+            )
+        return self
+
+
+class LogConfig(_Model):
+    """Log output."""
+
+    format: Literal["text", "json"] = "text"
+
+
+def _default_listeners() -> list[ListenerConfig]:
+    return [ListenerConfig(name="mx", address="127.0.0.1", port=2525, tls="starttls")]
+
+
+class Config(_Model):
+    """The whole configuration of one Spam Killer instance."""
+
+    hostname: DnsName = Field(
+        default_factory=_default_hostname,
+        description="Our name in the banner, EHLO and Received.",
+    )
+    domains: Annotated[list[DnsName], AfterValidator(_unique_names)] = Field(
+        default_factory=lambda: ["localhost"],
+        description="Recipient domains we accept; everything else: 550 5.7.1.",
+    )
+    listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    dev_upstream: DevUpstreamConfig = Field(default_factory=DevUpstreamConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    state: str = Field(
+        default="sqlite:///spam-killer-data/state.db",
+        description="sqlite:///path for one host, redis:// or rediss:// for several.",
+    )
+    data_dir: FilePath = Field(
+        default=Path("spam-killer-data"),
+        description="Holds the self-signed certificate made when tls.certificates is empty, and "
+        "the development upstream's Maildir.",
+    )
+    workers: Annotated[Int, AfterValidator(_between(1, 64))] = Field(
+        default=1, description="Worker processes sharing each listening port (SO_REUSEPORT)."
+    )
+    shutdown_timeout: Duration = Field(
+        default=30.0, description="How long SIGTERM lets open sessions finish."
+    )
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @property
+    def dev_maildir(self) -> Path:
+        """Where the development upstream stores mail."""
+        return self.dev_upstream.maildir or self.data_dir / "maildir"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        problems: list[tuple[_Loc, str]] = []
+        if not self.domains:
+            problems.append((("domains",), "at least one domain is needed"))
+        if not self.listeners:
+            problems.append((("listeners",), "at least one listener is needed"))
+        if not self.state.startswith(("sqlite:///", "redis://", "rediss://")):
+            problems.append((("state",), "must start with sqlite:///, redis:// or rediss://"))
+
+        names: dict[str, int] = {}
+        for index, listener in enumerate(self.listeners):
+            if listener.name in names:
+                problems.append(
+                    (
+                        ("listeners", index, "name"),
+                        f"duplicate name {listener.name!r} (also listeners.{names[listener.name]})",
+                    )
+                )
+            else:
+                names[listener.name] = index
+
+        sockets: list[tuple[str, int, str]] = []
+        for index, listener in enumerate(self.listeners):
+            for address, port, owner in sockets:
+                if port == listener.port and _overlap(address, listener.address):
+                    problems.append(
+                        (
+                            ("listeners", index, "port"),
+                            f"{listener.address} port {port} overlaps {owner} ({address})",
+                        )
+                    )
+                    break
+            sockets.append((listener.address, listener.port, f"listeners.{index}"))
+        if self.dev_upstream.enabled:
+            dev = self.dev_upstream
+            for address, port, owner in sockets:
+                if port == dev.port and _overlap(address, dev.address):
+                    problems.append(
+                        (("dev_upstream", "port"), f"{dev.address} port {port} overlaps {owner}")
+                    )
+                    break
+        if problems:
+            raise _ProblemsError(problems)
+        return self
+
+
+def _overlap(first: str, second: str) -> bool:
+    """Would two listening addresses (same port) take each other's connections?
+
+    Identical addresses do, and so does a wildcard with any address of its family: with
+    SO_REUSEPORT the kernel lets both bind and then hands one listener's clients to the other.
+    """
+    one, two = ipaddress.ip_address(first), ipaddress.ip_address(second)
+    if one == two:
+        return True
+    if one.version != two.version:
+        return False
+    return one.is_unspecified or two.is_unspecified
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and dumping
+# --------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys in a mapping."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.Node) -> dict[Any, Any]:
+    if isinstance(node, MappingNode):
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            # Merge keys ("<<: *defaults") may be overridden on purpose; only own keys count.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: construct_mapping reports it properly
+                continue
+            if duplicate:
+                raise ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+    return loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate the config file; None gives the defaults. Raises ConfigError."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    data = _read_yaml(file)
+    if data is None:  # an empty file (or only comments) means "all defaults"
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): must be a mapping of keys to values, got {_kind(data)}"])
+    try:
+        return Config.model_validate(data, context={"base_dir": file.absolute().parent})
+    except ValidationError as error:
+        raise ConfigError(_problem_lines(error)) from None
+
+
+def _read_yaml(file: Path) -> object:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{file}: is a directory, not a file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{file}: not readable (permission denied)"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{file}: not UTF-8 text (byte {error.start})"]) from None
+    except OSError as error:
+        raise ConfigError([f"{file}: cannot read: {error.strerror or error}"]) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = error.problem or error.context or "invalid YAML"
+        raise ConfigError([f"{file}: {where}{what}"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{file}: invalid YAML: {error}"]) from None
+
+
+def _problem_lines(error: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for detail in error.errors(include_url=False):
+        loc: _Loc = tuple(detail["loc"])
+        cause = (detail.get("ctx") or {}).get("error")
+        if isinstance(cause, _ProblemsError):
+            lines.extend(f"{_dotted(loc + sub)}: {reason}" for sub, reason in cause.problems)
+        else:
+            lines.append(f"{_dotted(loc)}: {_message(detail)}")
+    return list(dict.fromkeys(lines))
+
+
+def _message(detail: Any) -> str:
+    kind: str = detail["type"]
+    message: str = detail["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return f"must be a mapping of keys to values, got {_kind(detail.get('input'))}"
+    if kind == "list_type":
+        return f"must be a list, got {_kind(detail.get('input'))}"
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    message = message.replace("Input should be", "must be", 1)
+    value = detail.get("input")
+    if isinstance(value, str | int | float):
+        message += f", got {value!r}"
+    return message
+
+
+def dump_effective(config: Config) -> str:
+    """The effective configuration as YAML: durations and sizes in their written form, paths
+    absolute (resolved against the current directory, as the running service would)."""
+    data = config.model_dump(mode="json", context={"absolute_paths": True})
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _walk_files(config: Config) -> Iterator[tuple[str, Path]]:
+    """Every CA file the configuration names, with its key path."""
+    for index, listener in enumerate(config.listeners):
+        if listener.client_ca_file is not None:
+            yield f"listeners.{index}.client_ca_file", listener.client_ca_file
+    if config.upstream.ca_file is not None:
+        yield "upstream.ca_file", config.upstream.ca_file
+
+
+def check_files(config: Config) -> list[str]:
+    """Check the files the configuration names, without starting anything; return problem lines.
+
+    Certificates and keys must load, match and be valid now, and be servable together by every
+    TLS listener; CA files must hold at least one certificate; the upstream client pair must match.
+    """
+    from spamkiller.errors import TlsConfigError
+    from spamkiller.tls.certs import check_ca_file, inspect_pair, load_pairs
+    from spamkiller.tls.contexts import ServerTls
+
+    problems: list[str] = []
+    pairs = [(pair.cert, pair.key) for pair in config.tls.certificates]
+    try:
+        loaded = load_pairs(pairs, key_path_prefix="tls.certificates")
+    except TlsConfigError as error:
+        problems.extend(error.problems)
+        loaded = []
+    ca_problems: list[str] = []
+    for key, path in _walk_files(config):
+        ca_problems.extend(check_ca_file(path, key=key))
+    problems.extend(ca_problems)
+    upstream = config.upstream
+    if upstream.client_cert is not None and upstream.client_key is not None:
+        _, found = inspect_pair(
+            upstream.client_cert,
+            upstream.client_key,
+            cert_key="upstream.client_cert",
+            key_key="upstream.client_key",
+        )
+        problems.extend(found)
+
+    # Building the contexts finds what only shows when pairs are combined (two RSA certificates
+    # for one name); only worth it once the files themselves are fine.
+    if loaded and not problems:
+        for index, listener in enumerate(config.listeners):
+            if listener.tls == "none":
+                continue
+            try:
+                ServerTls.build(
+                    loaded,
+                    min_version=config.tls.min_version,
+                    client_cert=listener.client_cert,
+                    client_ca_file=listener.client_ca_file,
+                    client_cert_pins=listener.client_cert_pins,
+                    listener_key=f"listeners.{index}",
+                )
+            except TlsConfigError as error:
+                problems.extend(error.problems)
+    return list(dict.fromkeys(problems))
