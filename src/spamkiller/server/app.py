@@ -284,7 +284,8 @@ def run(config_path: Path | None) -> int:
 
 def _supervise(config_path: Path | None, config: Config) -> int:
     """Fork `workers` processes sharing ports; the parent forwards signals, runs dev upstream."""
-    children: dict[int, int] = {}
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+    early_deaths = 0
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -296,15 +297,16 @@ def _supervise(config_path: Path | None, config: Config) -> int:
                 code = _serve(config_path, config, reuse_port=True, dev=False)
             finally:
                 os._exit(code)
-        children[pid] = slot
+        children[pid] = (slot, time.monotonic())
 
     for slot in range(config.workers):
         spawn(slot)
-    loop = _new_loop()
+    # The stock loop: uvloop keeps SIGCHLD to itself, and the parent is not on the hot path.
+    loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     log = EventLog(fmt=config.log.format)
     stopping = asyncio.Event()
-    dev: DevUpstream | None = None
+    failed = False
 
     def forward(sig: signal.Signals) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
@@ -314,37 +316,43 @@ def _supervise(config_path: Path | None, config: Config) -> int:
                 os.kill(pid, sig)
 
     def reap() -> None:
+        nonlocal early_deaths, failed
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 children.clear()
-                break
+                return
             if pid == 0:
-                break
-            slot = children.pop(pid, None)
-            if slot is not None and not stopping.is_set():
-                log.line(
-                    "-",
-                    "worker",
-                    {"pid": pid, "status": os.waitstatus_to_exitcode(status), "action": "restart"},
-                )
-                time.sleep(0.2)
-                spawn(slot)
+                return
+            slot, started = children.pop(pid, (-1, 0.0))
+            if slot < 0 or stopping.is_set():
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            early_deaths += time.monotonic() - started < 5
+            if early_deaths > 3:  # a worker that cannot start will not start by retrying
+                log.line("-", "worker", {"pid": pid, "status": code, "action": "giving up"})
+                failed = True
+                forward(signal.SIGTERM)
+                return
+            log.line("-", "worker", {"pid": pid, "status": code, "action": "restart"})
+            spawn(slot)
 
     async def main() -> None:
-        nonlocal dev
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, forward, sig)
-        loop.add_signal_handler(signal.SIGCHLD, reap)
+        dev: DevUpstream | None = None
         if config.dev_upstream.enabled:
             dev = DevUpstream(config.dev_maildir)
             await dev.start(config.dev_upstream.address, config.dev_upstream.port)
         log.line("-", "workers", {"count": config.workers, "pids": ",".join(map(str, children))})
-        await stopping.wait()
-        while children:
-            await asyncio.sleep(0.05)
+        while not stopping.is_set():
             reap()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.5)
+        while children:
+            reap()
+            await asyncio.sleep(0.05)
         if dev is not None:
             await dev.stop()
 
@@ -352,4 +360,4 @@ def _supervise(config_path: Path | None, config: Config) -> int:
         loop.run_until_complete(main())
     finally:
         loop.close()
-    return 0
+    return 1 if failed else 0

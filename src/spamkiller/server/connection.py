@@ -155,6 +155,8 @@ class InboundConnection(asyncio.Protocol):
         self._close_reason = ""
         self._messages = 0
         self._peer_allowed = True
+        self._early = bytearray()  # bytes that arrived before the session existed
+        self._eof = False
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -177,7 +179,10 @@ class InboundConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is None:
-            return  # bytes before the session exists (a refused connection): ignore
+            # Before the banner (pregreet) or a refused connection: kept for the session, bounded.
+            if self._admitted and len(self._early) < 65536:
+                self._early += data
+            return
         session.receive_data(data)
         if session.buffered > session.limits.max_pipeline_buffer and not self._paused:
             self._paused = True
@@ -186,6 +191,7 @@ class InboundConnection(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
+        self._eof = True
         if self.session is not None:
             self.session.receive_data(b"")
         self._wake()
@@ -242,6 +248,11 @@ class InboundConnection(asyncio.Protocol):
                 starttls_available=starttls,
                 require_tls=policy.require_tls,
             )
+            if self._early:
+                session.receive_data(bytes(self._early))
+                self._early.clear()
+            if self._eof or self._lost:
+                session.receive_data(b"")
             if not self.tls.active:
                 self.tls = TlsFacts.plaintext(starttls_offered=starttls)
             rt.log.line(
