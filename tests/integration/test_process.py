@@ -190,6 +190,9 @@ def test_two_workers_share_the_port(tmp_path: Path, certs: Certs) -> None:
         path = write_config(tmp_path / "c.yaml", config)
         port = config["listeners"][0]["port"]
         with running(path, tmp_path, port) as proc:
+            deadline = time.monotonic() + 20
+            while log_of(tmp_path).count(" listen ") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)  # both workers bound before we count who serves
             for i in range(20):
                 with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
                     assert smtp.sendmail("a@sender.example", [f"u{i}@example.com"], MESSAGE) == {}

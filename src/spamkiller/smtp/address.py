@@ -62,6 +62,8 @@ def is_address_literal(text: str) -> bool:
     if not (text.startswith("[") and text.endswith("]")):
         return False
     inner = text[1:-1]
+    if "%" in inner:  # ipaddress accepts IPv6 zone ids ("fe80::1%eth0"); RFC 5321 does not
+        return False
     try:
         if inner[:5].lower() == "ipv6:":
             ipaddress.IPv6Address(inner[5:])

@@ -74,7 +74,7 @@ def parse_mail(arg: str, *, max_size: int) -> tuple[Address | None, MailParams]:
             raise ParameterError(501, "5.5.4", f"Duplicate parameter {key}")
         seen.add(key)
         if key == "SIZE":
-            if not value.isdigit() or len(value) > 20:
+            if not (value.isascii() and value.isdigit()) or len(value) > 20:
                 raise ParameterError(501, "5.5.4", "Bad SIZE value")
             size = int(value)
             if size > max_size:

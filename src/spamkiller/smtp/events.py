@@ -51,10 +51,14 @@ class MessageData:
         return self._stuffed
 
     def content(self) -> bytes:
-        """The message as the sender meant it: dots unstuffed."""
+        """The message as the sender meant it: RFC 5321 4.5.2, a line's leading '.' removed.
+
+        A line with a single leading dot (a client that forgot to stuff) loses it too, exactly as
+        the upstream will when it reads the stuffed form we forward.
+        """
         if self._raw is None:
-            body = (self._stuffed or b"").replace(b"\r\n..", b"\r\n.")
-            self._raw = body[1:] if body.startswith(b"..") else body
+            body = (self._stuffed or b"").replace(b"\r\n.", b"\r\n")
+            self._raw = body[1:] if body.startswith(b".") else body
         return self._raw
 
 

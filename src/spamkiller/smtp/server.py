@@ -295,7 +295,8 @@ class ServerSession:
         except UnicodeDecodeError:
             return self._violation("command not UTF-8", replies.NOT_ASCII)
         name, _, arg = text.partition(" ")
-        verb = VERBS.get(name.upper())
+        # ASCII first: "MA\u0131L".upper() is "MAIL", a verb the next hop would not recognise.
+        verb = VERBS.get(name.upper()) if name.isascii() else None
         if verb is None:
             return self._violation("unknown command", replies.UNKNOWN_COMMAND)
         self._pending_verb = verb.value.lower()
@@ -376,8 +377,9 @@ class ServerSession:
         if end < 0:
             if self._eof:
                 return ConnectionClosed(mid_data=True)
-            # Keep 4 octets so an end marker split across reads is still found.
-            if len(buf) - self._prefix + self._dropped > self.limits.max_message_size:
+            # Past the limit even if the last 2 octets start the end marker (".\r"): the message
+            # is too big; keep only 4 octets so an end marker split across reads is still found.
+            if len(buf) - self._prefix - 2 + self._dropped > self.limits.max_message_size:
                 self._dropped += len(buf) - 4 - self._prefix
                 self._prefix = 0
                 del buf[:-4]
@@ -387,6 +389,8 @@ class ServerSession:
         body = bytes(buf[self._prefix : end + 2])
         del buf[: end + 5]
         size = len(body) + self._dropped
+        if self._dropped:  # some of it is gone: whatever the arithmetic says, it was too big
+            return DataRejected("message too big", size, replies.MESSAGE_TOO_BIG)
         return self._finish_message(size, stuffed=body)
 
     def _finish_message(
@@ -447,7 +451,8 @@ class ServerSession:
                         self._bdat_buf = bytearray()
                     else:
                         self._bdat_buf += buf[:take]
-                self._bdat_size += take
+                if chunk.error is None:  # a refused chunk is not part of any message
+                    self._bdat_size += take
                 del buf[:take]
                 chunk.remaining -= take
             if chunk.remaining:
