@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every check, the same way locally and in CI: install what is needed (Debian packages, postfix's
+# smtp-sink/smtp-source, the venv), then lint, type-check and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
+.venv/bin/mypy
+exec .venv/bin/python -m pytest "$@"
