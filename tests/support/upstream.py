@@ -159,11 +159,11 @@ class RecordingUpstream:
                     end = framed.index(b"\r\n.\r\n")
                     current.data = framed[2 : end + 2]
                     buf = framed[end + 5 :]
+                    if b.final_reply.startswith(b"250") and b.hang_at != "final":
+                        with self._lock:  # recorded before the reply: tests read it after theirs
+                            self.messages.append(current)
                     if not answer("final", b.final_reply):
                         return
-                    if b.final_reply.startswith(b"250"):
-                        with self._lock:
-                            self.messages.append(current)
                     current = Received()
                 elif verb == b"RSET":
                     current = Received()

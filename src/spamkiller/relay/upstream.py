@@ -294,4 +294,3 @@ def parse_queue_id(reply: Reply) -> str | None:
             if token:
                 return token[:64]
     return None
-

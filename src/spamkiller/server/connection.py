@@ -45,6 +45,7 @@ from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
 from spamkiller.smtp.server import ServerSession
 from spamkiller.smtp.states import State
+from spamkiller.timers import Wakeup
 from spamkiller.tls.contexts import ServerTls
 from spamkiller.tls.facts import TlsFacts, TlsStart
 
@@ -147,7 +148,7 @@ class InboundConnection(asyncio.Protocol):
         self.tls = TlsFacts.plaintext(starttls_offered=False)
         self.upstream: UpstreamSession | None = None
         self.txn: _Transaction | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._wakeup = Wakeup(asyncio.get_running_loop())
         self._lost = False
         self._paused = False
         self._admitted = False
@@ -155,6 +156,7 @@ class InboundConnection(asyncio.Protocol):
         self._close_reason = ""
         self._messages = 0
         self._peer_allowed = True
+        self._accepted: Reply | None = None  # rendered once per session
         self._early = bytearray()  # bytes that arrived before the session existed
         self._eof = False
 
@@ -204,9 +206,7 @@ class InboundConnection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wakeup.wake()
 
     # ---- the session ----------------------------------------------------------------------
 
@@ -215,17 +215,7 @@ class InboundConnection(asyncio.Protocol):
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter)
-        try:
-            await waiter
-        except TimeoutError:
-            return False
-        finally:
-            timer.cancel()
-            self._waiter = None
-        return True
+        return await self._wakeup.wait(timeout)
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -424,7 +414,9 @@ class InboundConnection(asyncio.Protocol):
             self._log_message(
                 status="sent", reply=reply, size=event.data.size, upstream_id=queue_id
             )
-            return Reply(250, "2.0.0", f"Message accepted (id {self.sid})")
+            if self._accepted is None:
+                self._accepted = Reply(250, "2.0.0", f"Message accepted (id {self.sid})")
+            return self._accepted
         status = "bounced" if reply.is_permanent else "deferred"
         self._log_message(status=status, reply=reply, size=event.data.size)
         # Never 250 unless the upstream said 250; a 2xx other than 250 is not "accepted".
@@ -524,6 +516,7 @@ class InboundConnection(asyncio.Protocol):
         self.rt.log.line(self.sid, "message", fields)
 
     async def _finish(self, duration: float) -> None:
+        self._wakeup.close()
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
             if upstream.in_transaction:
@@ -554,8 +547,3 @@ class InboundConnection(asyncio.Protocol):
         self._close_reason = "shutdown deadline"
         self._lost = True
         self._wake()
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())

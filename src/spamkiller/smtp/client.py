@@ -21,8 +21,9 @@ from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
 from spamkiller.smtp.states import TRANSITIONS, State, Verb
 
-# Commands whose only good answer is an intermediate reply; anything else leaves no transaction.
-_WANTS_GO_AHEAD = {Verb.DATA: 354, Verb.STARTTLS: 220}
+# Commands whose only good answer is a go-ahead: (code, the state it opens).
+_GO_AHEAD = {Verb.DATA: (354, State.DATA), Verb.STARTTLS: (220, State.TLS)}
+_MESSAGE = "end of data"  # what the reply after the message text answers
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |\Z)")
 
 
@@ -35,7 +36,8 @@ class ClientSession:
         self.extensions: dict[str, str] = {}
         self._buf = bytearray()
         self._eof = False
-        self._expect: deque[Verb | None] = deque([None])  # None: the greeting
+        self._expect: deque[Verb | str | None] = deque([None])  # None: the greeting
+        self._go_ahead_pending = False  # DATA or STARTTLS sent, its reply not yet read
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -116,9 +118,13 @@ class ClientSession:
             self.state = State.GREETED if reply.code == 220 else State.CLOSED
         elif verb in (Verb.EHLO, Verb.HELO) and ok:
             self.extensions = _parse_extensions(reply) if verb is Verb.EHLO else {}
-        elif (verb is Verb.MAIL and not ok) or (
-            verb in _WANTS_GO_AHEAD and reply.code != _WANTS_GO_AHEAD[verb]
-        ):
+        elif verb in _GO_AHEAD:
+            # DATA and STARTTLS change state only on their go-ahead, never on our say-so: text
+            # sent after a refused DATA would be read upstream as commands.
+            code, target = _GO_AHEAD[verb]
+            self.state = target if reply.code == code else State.READY
+            self._go_ahead_pending = False
+        elif verb is Verb.MAIL and not ok:
             self.state = State.READY
         if reply.code == 421:
             self.state = State.CLOSED
@@ -126,12 +132,18 @@ class ClientSession:
     # ---- commands --------------------------------------------------------------------------
 
     def _command(self, verb: Verb, arg: str = "") -> bytes:
+        if self._go_ahead_pending:
+            # RFC 2920 3.1 / RFC 3207 4: DATA and STARTTLS end a pipelined group.
+            raise LocalProtocolError(f"{verb.value} sent before the go-ahead was read")
         nxt = TRANSITIONS.get((self.state, verb))
         if nxt is None:
             raise LocalProtocolError(f"{verb.value} not allowed in state {self.state.name}")
         if any(c in arg for c in "\r\n\0"):
             raise LocalProtocolError(f"CR, LF or NUL in {verb.value} argument")
-        self.state = nxt
+        if verb in _GO_AHEAD:  # the state changes on the go-ahead; see _on_reply
+            self._go_ahead_pending = True
+        else:  # pipelined commands advance at once
+            self.state = nxt
         self._expect.append(verb)
         line = f"{verb.value} {arg}\r\n" if arg else f"{verb.value}\r\n"
         return line.encode("utf-8")
@@ -161,8 +173,8 @@ class ClientSession:
             raise LocalProtocolError("message text only after a 354 reply to DATA")
         if stuffed and not stuffed.endswith(b"\r\n"):
             raise LocalProtocolError("message text must end with CRLF")
-        self.state = State.READY
-        self._expect.append(Verb.DATA)
+        self.state = State.READY  # whatever the reply, the transaction ends with the dot
+        self._expect.append(_MESSAGE)
         return stuffed + b".\r\n"
 
     def rset(self) -> bytes:

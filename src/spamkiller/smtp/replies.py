@@ -16,7 +16,8 @@ class Reply:
     code: int
     enhanced: str = ""
     text: str | tuple[str, ...] = ""
-    wire: bytes = field(default=b"", compare=False, repr=False)
+    # The wire form, rendered on first use: replies parsed from the upstream are mostly only read.
+    _wire: bytes = field(default=b"", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -25,8 +26,14 @@ class Reply:
         for line in lines:
             if "\r" in line or "\n" in line or "\0" in line:
                 raise ValueError("reply text must not contain CR, LF or NUL")
-        if not self.wire:
-            object.__setattr__(self, "wire", _render(self.code, self.enhanced, lines))
+
+    @property
+    def wire(self) -> bytes:
+        wire = self._wire
+        if not wire:
+            wire = _render(self.code, self.enhanced, self.lines)
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
     @property
     def is_positive(self) -> bool:

@@ -113,6 +113,7 @@ class ServerSession:
         self._bdat_buf = bytearray()
         self._bdat_size = 0
         self._bdat_oversize = False
+        self._bdat_failed = False  # a chunk failed: the rest of its pipeline is discarded quietly
 
     # ---- input ----------------------------------------------------------------------------
 
@@ -302,6 +303,7 @@ class ServerSession:
         self._pending_verb = verb.value.lower()
         if verb is Verb.BDAT:
             return self._bdat(arg)
+        self._bdat_failed = False
         if not text.isascii() and verb not in (Verb.MAIL, Verb.RCPT):
             return self._violation("non-ASCII command", replies.NOT_ASCII)
         if self.require_tls and not self.tls_active and verb in TLS_REQUIRED:
@@ -459,8 +461,14 @@ class ServerSession:
                 return ConnectionClosed(mid_data=True) if self._eof else NEED_DATA
         self._chunk = None
         if chunk.error is not None:
+            if self._bdat_failed:
+                # RFC 3030 2: chunks already pipelined after a failed one are discarded, not held
+                # against the client as bad commands.
+                return Answer("BDAT", chunk.error)
+            self._bdat_failed = True
             return self._violation("BDAT out of sequence", chunk.error)
         if self._bdat_oversize:
+            self._bdat_failed = True
             return DataRejected("message too big", self._bdat_size, replies.MESSAGE_TOO_BIG)
         if chunk.last:
             raw = bytes(self._bdat_buf)
