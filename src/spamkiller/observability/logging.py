@@ -49,7 +49,12 @@ class EventLog:
             for key, value in fields.items():
                 if value is None:
                     continue
-                clean = _clean(value)
+                if isinstance(value, int):
+                    parts.append(f"{key}={value}")
+                    continue
+                clean = str(value)
+                if not clean.isprintable():
+                    clean = _clean(clean)
                 if not clean or " " in clean or '"' in clean:
                     clean = '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
                 parts.append(f"{key}={clean}")

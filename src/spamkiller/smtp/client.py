@@ -24,6 +24,7 @@ from spamkiller.smtp.states import TRANSITIONS, State, Verb
 # Commands whose only good answer is a go-ahead: (code, the state it opens).
 _GO_AHEAD = {Verb.DATA: (354, State.DATA), Verb.STARTTLS: (220, State.TLS)}
 _MESSAGE = "end of data"  # what the reply after the message text answers
+_SEEN_MAX = 64
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |\Z)")
 
 
@@ -38,6 +39,8 @@ class ClientSession:
         self._eof = False
         self._expect: deque[Verb | str | None] = deque([None])  # None: the greeting
         self._go_ahead_pending = False  # DATA or STARTTLS sent, its reply not yet read
+        # One-line replies already parsed: an upstream repeats "250 2.1.0 Ok" all day.
+        self._seen: dict[bytes, Reply] = {}
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -62,7 +65,13 @@ class ClientSession:
         if end >= 4 and buf[3] == 32:  # "250 ..."
             line = bytes(buf[:end])
             del buf[: end + 2]
-            return self._reply_from([line])
+            reply = self._seen.get(line)
+            if reply is None:
+                reply = self._parse([line])
+                if len(self._seen) < _SEEN_MAX:
+                    self._seen[line] = reply
+            self._on_reply(reply)
+            return reply
         lines: list[bytes] = []
         pos = 0
         while True:
@@ -76,7 +85,9 @@ class ClientSession:
                 raise RemoteProtocolError(f"malformed reply line {line[:40]!r}")
             if len(line) == 3 or line[3] == 32:
                 del buf[:pos]
-                return self._reply_from(lines)
+                reply = self._parse(lines)
+                self._on_reply(reply)
+                return reply
             if len(lines) >= self.limits.max_reply_lines:
                 raise RemoteProtocolError("reply has too many lines")
 
@@ -87,7 +98,7 @@ class ClientSession:
             raise RemoteProtocolError("reply line too long")
         return ConnectionClosed() if self._eof else NEED_DATA
 
-    def _reply_from(self, lines: list[bytes]) -> Reply:
+    def _parse(self, lines: list[bytes]) -> Reply:
         code_bytes = lines[0][:3]
         if not code_bytes.isdigit() or not b"200" <= code_bytes <= b"599":
             raise RemoteProtocolError(f"malformed reply code {code_bytes!r}")
@@ -105,9 +116,7 @@ class ClientSession:
         if m and m.group(1) == chr(code_bytes[0]):
             enhanced = m.group(0).strip()
             texts = [_ENHANCED.sub("", t, count=1) if _ENHANCED.match(t) else t for t in texts]
-        reply = Reply(int(code_bytes), enhanced, tuple(texts) if len(texts) > 1 else texts[0])
-        self._on_reply(reply)
-        return reply
+        return Reply(int(code_bytes), enhanced, tuple(texts) if len(texts) > 1 else texts[0])
 
     def _on_reply(self, reply: Reply) -> None:
         if not self._expect:

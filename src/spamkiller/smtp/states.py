@@ -14,6 +14,10 @@ from spamkiller.smtp.replies import Reply
 
 
 class State(Enum):
+    # Members are singletons: identity hashing keeps the TRANSITIONS lookups off Enum's
+    # Python-level __hash__, which runs several times per command.
+    __hash__ = object.__hash__
+
     START = "start"  # connected, banner not yet sent
     GREETED = "greeted"  # banner sent (or TLS just started): EHLO/HELO needed
     READY = "ready"  # EHLO done, no transaction
@@ -26,6 +30,8 @@ class State(Enum):
 
 
 class Verb(Enum):
+    __hash__ = object.__hash__
+
     EHLO = "EHLO"
     HELO = "HELO"
     MAIL = "MAIL"
