@@ -132,6 +132,46 @@ def test_several_messages_share_one_upstream_session(tmp_path: Path, certs: Cert
         assert b"RSET\r\n" in up.raw[0]
 
 
+def test_idle_upstream_sessions_are_reused_across_inbound_sessions(
+    tmp_path: Path, certs: Certs
+) -> None:
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
+        for i in range(3):
+            assert send(mx.port(), certs, [f"u{i}@example.com"])[0] == 250
+        assert len(up.messages) == 3
+        assert up.connections == 1  # one greeting, EHLO and handshake for three clients
+
+
+def test_stale_pooled_upstream_session_is_replaced_transparently(
+    tmp_path: Path, certs: Certs
+) -> None:
+    # The upstream hangs up after every message, as one with a short idle timeout would.
+    with (
+        RecordingUpstream(behaviour=Behaviour(close_after_message=True)) as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
+        for i in range(3):
+            assert send(mx.port(), certs, [f"u{i}@example.com"])[0] == 250
+        assert len(up.messages) == 3 and up.connections == 3
+
+
+def test_pooled_session_refused_with_421_is_retried_on_a_new_one(
+    tmp_path: Path, certs: Certs
+) -> None:
+    # The pooled session looks fine until it is used: the upstream timed it out meanwhile.
+    behaviour = Behaviour(refuse_second_mail=b"421 4.4.2 idle too long")
+    with (
+        RecordingUpstream(behaviour=behaviour) as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
+        for i in range(3):
+            assert send(mx.port(), certs, [f"u{i}@example.com"])[0] == 250
+        assert len(up.messages) == 3 and up.connections == 3  # each reuse met a 421
+
+
 def test_upstream_recipient_refusal_is_ours_at_rcpt_time(tmp_path: Path, certs: Certs) -> None:
     behaviour = Behaviour(rcpt_replies={"nobody@example.com": b"550 5.1.1 No such user"})
     with (

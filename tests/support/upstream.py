@@ -30,6 +30,8 @@ class Behaviour:
     final_reply: bytes = b"250 2.0.0 Ok: queued as UP123"
     hang_at: str = ""  # "greeting", "ehlo", "mail", "rcpt", "data", "final": stop answering there
     close_at: str = ""  # close the connection instead of answering at that stage
+    close_after_message: bool = False  # hang up right after a 250 to the message (idle timeout)
+    refuse_second_mail: bytes = b""  # reply to the 2nd MAIL on a connection, then hang up
 
 
 class RecordingUpstream:
@@ -81,6 +83,7 @@ class RecordingUpstream:
         buf = b""
         tls = False
         current = Received()
+        mails_here = 0
 
         def read_line() -> bytes:
             nonlocal buf
@@ -130,7 +133,11 @@ class RecordingUpstream:
                     buf = b""
                     sock = self.tls_context.wrap_socket(conn, server_side=True)
                     tls = True
+                elif verb == b"MAIL" and b.refuse_second_mail and mails_here:
+                    sock.sendall(b.refuse_second_mail + b"\r\n")
+                    return
                 elif verb == b"MAIL":
+                    mails_here += 1
                     current = Received(
                         mail_from=line[10:].decode().split(">")[0].lstrip("<"), tls=tls
                     )
@@ -163,6 +170,8 @@ class RecordingUpstream:
                         with self._lock:  # recorded before the reply: tests read it after theirs
                             self.messages.append(current)
                     if not answer("final", b.final_reply):
+                        return
+                    if b.close_after_message:
                         return
                     current = Received()
                 elif verb == b"RSET":

@@ -116,11 +116,17 @@ class UpstreamSession:
         self.tls = tls  # "TLSv1.3/TLS_AES_256_GCM_SHA384" or "none"
         self.in_transaction = False
         self.data_pending = False
+        self.reused = False  # taken from the pool: may have gone stale since
 
     @property
     def usable(self) -> bool:
         link = self._link
         return not link.lost and link.session.state is not State.CLOSED
+
+    @property
+    def idle_fit(self) -> bool:
+        """Open, between transactions, and the upstream has said nothing unasked."""
+        return self.usable and not self.in_transaction and self._link.session.unread == 0
 
     @property
     def pipelining(self) -> bool:
@@ -201,15 +207,73 @@ class UpstreamSession:
 
 
 class Upstream:
-    """Opens upstream sessions to the configured hosts, in order."""
+    """Opens upstream sessions to the configured hosts, in order, and keeps idle ones for reuse.
 
-    def __init__(self, target: UpstreamTarget, limits: Limits | None = None) -> None:
+    An inbound session holds one upstream session for its whole life; when it ends between
+    transactions, the upstream session goes back to a small pool (like Postfix's connection
+    cache) so the next inbound session skips the connect, greeting, EHLO and TLS handshake.
+    A pooled session is reused only if it is young, still open and the upstream has not spoken
+    since (an idle-timeout 421, say); the caller retries once on a fresh connection if a reused
+    one fails at its first command anyway.
+    """
+
+    def __init__(
+        self,
+        target: UpstreamTarget,
+        limits: Limits | None = None,
+        *,
+        max_idle: int = 16,
+        idle_reuse: float = 10.0,
+    ) -> None:
         if target.use_tls and target.tls_context is None:
             raise ValueError("use_tls needs a TLS context")
         self.target = target
         self.limits = limits or Limits()
+        self.max_idle = max_idle
+        self.idle_reuse = idle_reuse  # well under the 5 minutes servers wait (RFC 5321 4.5.3.2.7)
+        self._idle: list[tuple[float, UpstreamSession]] = []  # oldest first
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> UpstreamSession:
+        """A pooled session if one is fit for reuse, else a new one (hosts tried in order)."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            since, session = self._idle.pop()
+            if now - since < self.idle_reuse and session.idle_fit:
+                session.reused = True
+                return session
+            self._retire(session)
+        return await self.connect_new()
+
+    def release(self, session: UpstreamSession) -> None:
+        """Hand back a session whose inbound client is done with it."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle and now - self._idle[0][0] >= self.idle_reuse:
+            self._retire(self._idle.pop(0)[1])
+        if session.idle_fit and len(self._idle) < self.max_idle:
+            session.reused = False
+            self._idle.append((now, session))
+        else:
+            self._retire(session)
+
+    def _retire(self, session: UpstreamSession) -> None:
+        """QUIT in the background (or cut it if a transaction is open)."""
+        if session.in_transaction or not session.usable:
+            session.close()
+            return
+        task = asyncio.get_running_loop().create_task(session.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close_idle(self) -> None:
+        """Shutdown or reload: QUIT every pooled session and wait for those already closing."""
+        while self._idle:
+            self._retire(self._idle.pop()[1])
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def connect_new(self) -> UpstreamSession:
         errors: list[str] = []
         for host in self.target.hosts:
             try:

@@ -145,6 +145,7 @@ class Worker:
         self._servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._dev: DevUpstream | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def _current(self) -> Runtime:
         return self.runtime
@@ -209,7 +210,10 @@ class Worker:
                 "-", "reload", {"note": "listener address changes take effect after a restart"}
             )
         self.config = config
-        self.runtime = runtime
+        old, self.runtime = self.runtime, runtime
+        task = asyncio.get_running_loop().create_task(old.upstream.close_idle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         self.gate.max_connections = config.limits.max_connections
         self.gate.max_per_ip = config.limits.max_connections_per_ip
         self.log.line("-", "reload", {"status": "ok"})
@@ -234,6 +238,7 @@ class Worker:
             session.abort()
         for server in self._servers:
             server.close()
+        await self.runtime.upstream.close_idle()
         await asyncio.sleep(0)
         if self._dev is not None:
             await self._dev.stop()

@@ -358,7 +358,7 @@ class InboundConnection(asyncio.Protocol):
             if upstream.in_transaction:
                 reply = await upstream.rcpt(recipient)
             else:
-                reply = await upstream.begin(txn.sender, txn.sender_params, recipient)
+                reply = await self._begin(upstream, txn, recipient)
         except UpstreamUnavailable as exc:
             self._upstream_failed(exc)
             return UPSTREAM_UNAVAILABLE
@@ -423,6 +423,20 @@ class InboundConnection(asyncio.Protocol):
         return reply if reply.code >= 400 else UPSTREAM_UNAVAILABLE
 
     # ---- upstream --------------------------------------------------------------------------
+
+    async def _begin(self, upstream: UpstreamSession, txn: _Transaction, recipient: str) -> Reply:
+        """MAIL + first RCPT; a pooled session that went stale is replaced once, transparently."""
+        if upstream.reused:
+            try:
+                reply = await upstream.begin(txn.sender, txn.sender_params, recipient)
+            except UpstreamUnavailable:
+                reply = replies.SHUTTING_DOWN  # treated like the upstream's own 421 below
+            upstream.reused = False
+            if reply.code != 421:
+                return reply
+            upstream.close()
+            self.upstream = upstream = await self.rt.upstream.connect_new()
+        return await upstream.begin(txn.sender, txn.sender_params, recipient)
 
     async def _upstream(self) -> UpstreamSession:
         upstream = self.upstream
@@ -520,9 +534,9 @@ class InboundConnection(asyncio.Protocol):
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
             if upstream.in_transaction:
-                upstream.close()
+                upstream.close()  # the upstream must not deliver a transaction we abandoned
             else:
-                await upstream.quit()
+                self.rt.upstream.release(upstream)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if self._admitted:
