@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src tests bench
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+PYTHONASYNCIODEBUG=1 exec .venv/bin/python -m pytest "$@"

@@ -34,7 +34,7 @@ log() { printf 'install-deps: %s\n' "$*" >&2; }
 die() { printf 'install-deps: error: %s\n' "$*" >&2; exit 1; }
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 [[ $# -eq 0 ]] || die "unexpected argument: $1 (see --help)"

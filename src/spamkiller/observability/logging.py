@@ -1,12 +1,15 @@
 """One key=value line per connection and per message, Postfix field names, text or JSON.
 
 Written straight to a stream rather than through `logging`: two lines per message on the hot path
-must cost microseconds. Values are sanitised (no CR/LF/control characters) so a client cannot forge
-a log line through its HELO name or an address.
+must cost microseconds. Inside an event loop, lines written during one loop iteration are flushed
+together at its end (one write instead of one per line; nothing waits longer than that). Values are
+sanitised (no CR/LF/control characters) so a client cannot forge a log line through its HELO name
+or an address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -30,6 +33,7 @@ class EventLog:
         self._pid = os.getpid()
         self._second = -1
         self._stamp = ""
+        self._pending: list[str] = []
 
     def _now(self) -> str:
         now = int(time.time())
@@ -59,8 +63,19 @@ class EventLog:
                     clean = '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
                 parts.append(f"{key}={clean}")
             text = " ".join(parts)
+        self._pending.append(text)
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write now
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
         try:
-            self.stream.write(text + "\n")
+            self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed stdout must not take sessions down with it

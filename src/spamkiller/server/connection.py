@@ -12,6 +12,7 @@ one `write`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import ssl
 import time
@@ -57,12 +58,10 @@ CLIENT_CERT_REFUSED = Reply(421, "4.7.0", "Client certificate not accepted")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
-_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
-
 
 def new_session_id() -> str:
-    """A short id for logs and replies; 10 characters of a 30-letter alphabet (~49 bits)."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+    """A short id for logs and replies: 10 base32 characters (50 random bits)."""
+    return base64.b32encode(secrets.token_bytes(7))[:10].decode()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -543,7 +542,10 @@ class InboundConnection(asyncio.Protocol):
             self.gate.release(self.client_ip)
             self.gate.sessions.discard(self)
         session = self.session
-        fields: dict[str, object] = {"client": f"[{self.client_ip}]:{self.client_port}"}
+        fields: dict[str, object] = {
+            "client": f"[{self.client_ip}]:{self.client_port}",
+            "tls": self.tls.log_value(),
+        }
         if session is not None:
             for verb, (ok, total) in session.counts.items():
                 fields[verb] = str(ok) if ok == total else f"{ok}/{total}"
