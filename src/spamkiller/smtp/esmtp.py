@@ -47,6 +47,8 @@ def _split(arg: str, keyword: str) -> tuple[str, list[str]]:
 
 def _path_end(text: str) -> int:
     """Index of the '>' closing the path, honouring quoted local parts."""
+    if '"' not in text:
+        return text.find(">")  # the common case, without a Python step per character
     quoted = False
     escaped = False
     for i, ch in enumerate(text):

@@ -245,6 +245,8 @@ class ServerSession:
         state = self.state
         if state is State.CLOSED or state is State.START or state is State.TLS:
             raise LocalProtocolError(f"no events in state {state.name}")
+        if not self._buf and self._chunk is None and not self._eof and state is not State.DATA:
+            return NEED_DATA  # nothing buffered: skip the parsers
         if self._chunk is not None:
             event = self._read_chunk()
         elif state is State.DATA:
