@@ -210,3 +210,31 @@ def test_two_workers_share_the_port(tmp_path: Path, certs: Certs) -> None:
             assert len(pids) == 2, "both workers should have taken connections"
             os.kill(proc.pid, signal.SIGTERM)
             assert proc.wait(15) == 0
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, certs: Certs) -> None:
+    config = mx_config(tmp_path, certs, upstream_port=free_port(), workers=2)
+    path = write_config(tmp_path / "c.yaml", config)
+    port = config["listeners"][0]["port"]
+    with running(path, tmp_path, port) as proc:
+        deadline = time.monotonic() + 20
+        while log_of(tmp_path).count(" listen ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = {
+            int(line.split("sk[")[1].split("]")[0])
+            for line in log_of(tmp_path).splitlines()
+            if " listen " in line
+        }
+        assert len(workers) == 2
+        proc.kill()  # SIGKILL: the supervisor gets no chance to forward anything
+        proc.wait()
+        deadline = time.monotonic() + 10
+        alive = set(workers)
+        while alive and time.monotonic() < deadline:
+            for pid in list(alive):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    alive.discard(pid)
+            time.sleep(0.1)
+        assert not alive, f"orphaned workers still running: {alive}"

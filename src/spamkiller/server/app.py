@@ -218,8 +218,14 @@ class Worker:
         self.gate.max_per_ip = config.limits.max_connections_per_ip
         self.log.line("-", "reload", {"status": "ok"})
 
-    async def serve_until_stopped(self) -> None:
-        await self._stop.wait()
+    async def serve_until_stopped(self, *, parent: int | None = None) -> None:
+        """Serve until stopped; a forked worker also stops if its supervisor `parent` is gone."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            if parent is not None and os.getppid() != parent:
+                self.log.line("-", "worker", {"status": "supervisor gone, stopping"})
+                break
         await self.drain()
 
     async def drain(self) -> None:
@@ -253,7 +259,14 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _serve(config_path: Path | None, config: Config, *, reuse_port: bool, dev: bool) -> int:
+def _serve(
+    config_path: Path | None,
+    config: Config,
+    *,
+    reuse_port: bool,
+    dev: bool,
+    parent: int | None = None,
+) -> int:
     log = EventLog(fmt=config.log.format)
     runtime = build_runtime(config, log)
     loop = _new_loop()
@@ -261,7 +274,7 @@ def _serve(config_path: Path | None, config: Config, *, reuse_port: bool, dev: b
     worker = Worker(config_path, config, runtime, reuse_port=reuse_port, dev=dev)
     try:
         loop.run_until_complete(worker.start())
-        loop.run_until_complete(worker.serve_until_stopped())
+        loop.run_until_complete(worker.serve_until_stopped(parent=parent))
     except OSError as exc:
         print(f"spam-killer: cannot listen: {exc}", file=sys.stderr)
         return 1
@@ -290,6 +303,7 @@ def run(config_path: Path | None) -> int:
 def _supervise(config_path: Path | None, config: Config) -> int:
     """Fork `workers` processes sharing ports; the parent forwards signals, runs dev upstream."""
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+    supervisor = os.getpid()
     early_deaths = 0
 
     def spawn(slot: int) -> None:
@@ -299,7 +313,7 @@ def _supervise(config_path: Path | None, config: Config) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = _serve(config_path, config, reuse_port=True, dev=False)
+                code = _serve(config_path, config, reuse_port=True, dev=False, parent=supervisor)
             finally:
                 os._exit(code)
         children[pid] = (slot, time.monotonic())
