@@ -12,7 +12,6 @@ one `write`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import secrets
 import ssl
 import time
@@ -60,8 +59,8 @@ TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address,
 
 
 def new_session_id() -> str:
-    """A short id for logs and replies: 10 base32 characters (50 random bits)."""
-    return base64.b32encode(secrets.token_bytes(7))[:10].decode()
+    """A short id for logs and replies: 10 hex digits (40 random bits), like a queue id."""
+    return secrets.token_hex(5).upper()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,7 +195,9 @@ class InboundConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.receive_data(b"")
         self._wake()
-        return True  # keep the write side open: we may still owe replies
+        # Keep the write side open, we may still owe replies; TLS transports ignore (and log)
+        # a True here, so only say it for plaintext.
+        return not self.tls.active
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -23,6 +23,7 @@ Driver loop:
 
 from __future__ import annotations
 
+import functools
 import re
 
 from spamkiller.errors import LocalProtocolError
@@ -56,6 +57,19 @@ from spamkiller.smtp.states import TLS_REQUIRED, TRANSITIONS, VERBS, State, Verb
 _HELO_NAME = re.compile(r"[\x21-\x7e]{1,255}\Z")
 _BDAT_ARGS = re.compile(r"([0-9]{1,19})(?: +(LAST))? *\Z", re.IGNORECASE)
 _END_OF_DATA = b"\r\n.\r\n"
+
+
+@functools.lru_cache(maxsize=64)
+def _banner(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP")
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(hostname: str, size: int, starttls: bool) -> Reply:
+    """Built once per (name, size, STARTTLS offered): every session sends it, usually twice."""
+    lines = [hostname, "PIPELINING", f"SIZE {size}", "8BITMIME", "SMTPUTF8"]
+    lines += ["ENHANCEDSTATUSCODES", "CHUNKING"] + (["STARTTLS"] if starttls else [])
+    return Reply(250, "", tuple(lines))
 
 
 class _Chunk:
@@ -135,23 +149,13 @@ class ServerSession:
         """The banner; a 554 or 421 banner (RFC 5321 3.1) closes the session after it is read."""
         if self.state is not State.START:
             raise LocalProtocolError("greeting already sent")
-        reply = reply or Reply(220, "", f"{self.hostname} ESMTP")
+        reply = reply or _banner(self.hostname)
         self.state = State.GREETED if reply.code == 220 else State.CLOSED
         return self._render(reply)
 
     def ehlo_reply(self) -> Reply:
-        lines = [
-            self.hostname,
-            "PIPELINING",
-            f"SIZE {self.limits.max_message_size}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-        ]
-        if self.starttls_available and not self.tls_active:
-            lines.append("STARTTLS")
-        return Reply(250, "", tuple(lines))
+        starttls = self.starttls_available and not self.tls_active
+        return _ehlo_reply(self.hostname, self.limits.max_message_size, starttls)
 
     def send(self, reply: Reply) -> bytes:
         """Answer the pending event; apply the state transition; return the bytes to write."""

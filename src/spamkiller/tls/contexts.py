@@ -41,6 +41,7 @@ admin's explicit choice (``verify_cert: false``) and nothing here second-guesses
 
 from __future__ import annotations
 
+import base64
 import functools
 import ssl
 import tempfile
@@ -48,9 +49,6 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, cast
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dh
 
 from spamkiller.errors import TlsConfigError
 from spamkiller.tls.certs import LoadedPair, spki_pin
@@ -125,12 +123,26 @@ def ffdhe2048_prime() -> int:
     return 2**2048 - 2**1984 + (e_scaled + 560316) * 2**64 - 1
 
 
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))  # leading 0: positive
+
+
 @functools.cache
 def _ffdhe2048_pem() -> bytes:
-    numbers = dh.DHParameterNumbers(ffdhe2048_prime(), 2)
-    return numbers.parameters().parameter_bytes(
-        serialization.Encoding.PEM, serialization.ParameterFormat.PKCS3
-    )
+    """PKCS#3 DHParameter {p, g=2} as PEM, encoded here: cryptography deprecates its FFDH API."""
+    der = _der(0x30, _der_int(ffdhe2048_prime()) + _der_int(2))
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    text = "\n".join(["-----BEGIN DH PARAMETERS-----", *lines, "-----END DH PARAMETERS-----", ""])
+    return text.encode()
 
 
 def _harden(context: ssl.SSLContext, min_version: ssl.TLSVersion) -> None:
