@@ -94,6 +94,7 @@ def test_plaintext_session_gets_esmtp_without_tls_clause(tmp_path: Path, certs: 
         assert code == 250
         header = up.messages[0].data.split(b"\r\nFrom: Alice")[0].decode()
         assert "with ESMTP id" in header and "using TLS" not in header
+        assert mx.log.wait_for("disconnect", "tls=none", "starttls_unused=1")
 
 
 def test_only_crlf_and_stuffed_dots_reach_the_upstream(tmp_path: Path, certs: Certs) -> None:

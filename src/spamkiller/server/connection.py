@@ -546,6 +546,8 @@ class InboundConnection(asyncio.Protocol):
         fields: dict[str, object] = {
             "client": f"[{self.client_ip}]:{self.client_port}",
             "tls": self.tls.log_value(),
+            # Offered and not taken: a plaintext sender that could have used TLS (a signal).
+            "starttls_unused": 1 if self.tls.starttls_offered and not self.tls.active else None,
         }
         if session is not None:
             for verb, (ok, total) in session.counts.items():
