@@ -511,6 +511,13 @@ class LimitsConfig(_Model):
     data_timeout: Timeout = Field(
         default=180.0, description="Per DATA block read (RFC 5321 4.5.3.2.5: 3 minutes)."
     )
+    min_data_rate: Annotated[Int, AfterValidator(_at_least(0))] = Field(
+        default=500,
+        description="Bytes per second a message must average (like Postfix's "
+        "smtpd_min_data_rate): a message gets data_timeout plus its size divided by this rate "
+        "from the go-ahead, so a one-byte-per-second drip cannot hold a session forever. "
+        "0 turns it off.",
+    )
     max_connections: Annotated[Int, AfterValidator(_at_least(1))] = Field(
         default=1000, description="Global; 421 4.7.0 above it."
     )

@@ -109,6 +109,7 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
         limits=limits,
         command_timeout=lim.command_timeout,
         data_timeout=lim.data_timeout,
+        min_data_rate=lim.min_data_rate,
         handshake_timeout=config.tls.handshake_timeout,
         listeners=policies,
         upstream=Upstream(target, limits),

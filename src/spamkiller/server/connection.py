@@ -82,6 +82,7 @@ class Runtime:
     limits: Limits
     command_timeout: float
     data_timeout: float
+    min_data_rate: int  # bytes/s a message must average; 0: no minimum
     handshake_timeout: float
     listeners: dict[str, ListenerPolicy]
     upstream: Upstream
@@ -155,6 +156,9 @@ class InboundConnection(asyncio.Protocol):
         self._messages = 0
         self._peer_allowed = True
         self._accepted: Reply | None = None  # rendered once per session
+        self._bytes_in = 0  # octets received from the client
+        self._message_started = 0.0  # monotonic time the current message text began
+        self._message_bytes0 = 0  # _bytes_in at that moment
         self._early = bytearray()  # bytes that arrived before the session existed
         self._eof = False
 
@@ -183,6 +187,7 @@ class InboundConnection(asyncio.Protocol):
             if self._admitted and len(self._early) < 65536:
                 self._early += data
             return
+        self._bytes_in += len(data)
         session.receive_data(data)
         if session.buffered > session.limits.max_pipeline_buffer and not self._paused:
             self._paused = True
@@ -209,6 +214,20 @@ class InboundConnection(asyncio.Protocol):
         self._wakeup.wake()
 
     # ---- the session ----------------------------------------------------------------------
+
+    def _read_timeout(self, session: ServerSession) -> float:
+        """RFC 5321 4.5.3.2 per-read timeouts, and a whole-message deadline from min_data_rate."""
+        rt = self.rt
+        if not session.reading_message:
+            self._message_started = 0.0
+            return rt.command_timeout
+        now = time.monotonic()
+        if not self._message_started:
+            self._message_started, self._message_bytes0 = now, self._bytes_in
+        if not rt.min_data_rate:
+            return rt.data_timeout
+        allowed = rt.data_timeout + (self._bytes_in - self._message_bytes0) / rt.min_data_rate
+        return max(0.0, min(rt.data_timeout, self._message_started + allowed - now))
 
     async def _wait_data(self, timeout: float) -> bool:
         """Wait for more input; False on timeout."""
@@ -270,15 +289,13 @@ class InboundConnection(asyncio.Protocol):
             await self._finish(time.monotonic() - began)
 
     async def _dialogue(self, session: ServerSession) -> None:
-        rt = self.rt
         while True:
             event = session.next_event()
             if isinstance(event, NeedData):
                 if self._lost:
                     self._close_reason = "lost"
                     return
-                timeout = rt.data_timeout if session.state is State.DATA else rt.command_timeout
-                if not await self._wait_data(timeout):
+                if not await self._wait_data(self._read_timeout(session)):
                     self._write(replies.TIMEOUT.with_id(self.sid).wire)
                     self._close_reason = "timeout"
                     return

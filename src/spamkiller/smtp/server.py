@@ -139,6 +139,11 @@ class ServerSession:
             self._buf += data
 
     @property
+    def reading_message(self) -> bool:
+        """Inside message text: after 354, or inside a BDAT chunk."""
+        return self.state is State.DATA or self._chunk is not None
+
+    @property
     def buffered(self) -> int:
         """Unprocessed input; the driver pauses reading above `limits.max_pipeline_buffer`."""
         return len(self._buf) if self.state is not State.DATA and self._chunk is None else 0
