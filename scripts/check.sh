@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-.venv/bin/ruff check src tests bench
-.venv/bin/ruff format --check src tests bench
+.venv/bin/ruff check src tests bench fuzz
+.venv/bin/ruff format --check src tests bench fuzz
 .venv/bin/mypy
 PYTHONASYNCIODEBUG=1 exec .venv/bin/python -m pytest "$@"
