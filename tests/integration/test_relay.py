@@ -173,6 +173,38 @@ def test_pooled_session_refused_with_421_is_retried_on_a_new_one(
         assert len(up.messages) == 3 and up.connections == 3  # each reuse met a 421
 
 
+@pytest.mark.parametrize("stage", ["rcpt", "final"])
+def test_upstream_421_is_a_451_and_the_client_session_goes_on(
+    tmp_path: Path, certs: Certs, stage: str
+) -> None:
+    behaviour = Behaviour()
+    if stage == "rcpt":
+        behaviour.rcpt_replies = {"first@example.com": b"421 4.3.2 shutting down"}
+    else:
+        behaviour.final_reply = b"421 4.3.2 shutting down"
+    with (
+        RecordingUpstream(behaviour=behaviour) as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+        smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp,
+    ):
+        smtp.ehlo("c.example")
+        smtp.mail("a@sender.example")
+        if stage == "rcpt":
+            code, text = smtp.rcpt("first@example.com")
+        else:
+            assert smtp.rcpt("first@example.com")[0] == 250
+            code, text = smtp.data(MESSAGE)
+        assert code == 451 and text.startswith(b"4.4.1 "), (code, text)
+        # Our session is still open: a new transaction works once the upstream is back.
+        behaviour.rcpt_replies = {}
+        behaviour.final_reply = b"250 2.0.0 Ok: queued as UP123"
+        assert smtp.rset()[0] == 250
+        smtp.mail("a@sender.example")
+        assert smtp.rcpt("second@example.com")[0] == 250
+        assert smtp.data(MESSAGE)[0] == 250
+        assert up.messages[-1].rcpts == ["second@example.com"]
+
+
 def test_upstream_recipient_refusal_is_ours_at_rcpt_time(tmp_path: Path, certs: Certs) -> None:
     behaviour = Behaviour(rcpt_replies={"nobody@example.com": b"550 5.1.1 No such user"})
     with (

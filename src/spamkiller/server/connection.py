@@ -379,6 +379,10 @@ class InboundConnection(asyncio.Protocol):
         except UpstreamUnavailable as exc:
             self._upstream_failed(exc)
             return UPSTREAM_UNAVAILABLE
+        if reply.code == 421:
+            # The upstream is closing its session; that is no reason to close the client's.
+            self._upstream_failed(UpstreamUnavailable(f"upstream closing: {reply}"))
+            return UPSTREAM_UNAVAILABLE
         if not reply.is_positive:
             return reply  # the upstream's refusal becomes ours, at RCPT time
         txn.recipients.append(recipient)
@@ -436,6 +440,9 @@ class InboundConnection(asyncio.Protocol):
             return self._accepted
         status = "bounced" if reply.is_permanent else "deferred"
         self._log_message(status=status, reply=reply, size=event.data.size)
+        if reply.code == 421:  # the upstream hangs up: a 4xx for this message, the session goes on
+            self._upstream_failed(UpstreamUnavailable(f"upstream closing: {reply}"))
+            return UPSTREAM_UNAVAILABLE
         # Never 250 unless the upstream said 250; a 2xx other than 250 is not "accepted".
         return reply if reply.code >= 400 else UPSTREAM_UNAVAILABLE
 
