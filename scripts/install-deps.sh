@@ -232,6 +232,9 @@ else
     PIP_STATE="up to date"
 fi
 
+# --- 4. sslyze, in a venv of its own (it pins an older cryptography) ---------------------------
+PYTHON="$PYTHON" SPAM_KILLER_DEPS_DIR="$DEPS_DIR" "$REPO_ROOT/scripts/install-sslyze.sh"
+
 restore_policy_rc_d
 if [[ ${#NEWLY_INSTALLED[@]} -gt 0 ]]; then
     apt_state="installed ${NEWLY_INSTALLED[*]}"

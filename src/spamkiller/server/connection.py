@@ -157,6 +157,7 @@ class InboundConnection(asyncio.Protocol):
         self._peer_allowed = True
         self._accepted: Reply | None = None  # rendered once per session
         self._bytes_in = 0  # octets received from the client
+        self._tls_begun = False  # a handshake started: the transport is (becoming) TLS
         self._message_started = 0.0  # monotonic time the current message text began
         self._message_bytes0 = 0  # _bytes_in at that moment
         self._early = bytearray()  # bytes that arrived before the session existed
@@ -201,8 +202,8 @@ class InboundConnection(asyncio.Protocol):
             self.session.receive_data(b"")
         self._wake()
         # Keep the write side open, we may still owe replies; TLS transports ignore (and log)
-        # a True here, so only say it for plaintext.
-        return not self.tls.active
+        # a True here, so only say it before any handshake began.
+        return not self._tls_begun
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -502,6 +503,7 @@ class InboundConnection(asyncio.Protocol):
         server_tls = self.policy.server_tls
         assert transport is not None and server_tls is not None
         loop = asyncio.get_running_loop()
+        self._tls_begun = True
         try:
             new = await loop.start_tls(
                 transport,

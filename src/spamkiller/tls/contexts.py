@@ -41,9 +41,12 @@ admin's explicit choice (``verify_cert: false``) and nothing here second-guesses
 
 from __future__ import annotations
 
+import _ssl
 import base64
+import ctypes
 import functools
 import ssl
+import sys
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -145,6 +148,55 @@ def _ffdhe2048_pem() -> bytes:
     return text.encode()
 
 
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"spam-killer: warning: {message}", file=sys.stderr)
+
+
+_WARNED: set[str] = set()
+
+
+# Mozilla intermediate's key-exchange groups. Python's ssl has no setter for them before 3.15
+# (SSLContext.set_groups); OpenSSL's defaults add X448, secp521r1 and the ffdhe groups.
+TLS_GROUPS = b"X25519:prime256v1:secp384r1"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list() is this SSL_CTX_ctrl() call
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)  # dlsym on it reaches the libssl it is linked to
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def restrict_groups(context: ssl.SSLContext, groups: bytes = TLS_GROUPS) -> bool:
+    """Limit key exchange to `groups`; False (and the context unchanged) if it cannot be done.
+
+    Uses `set_groups` where Python has it. Otherwise the OpenSSL call goes through ctypes on the
+    SSL_CTX pointer CPython keeps right after the object header; the pointer is trusted only if
+    OpenSSL reads back the very options Python reports for this context.
+    """
+    setter = getattr(context, "set_groups", None)
+    if setter is not None:
+        setter(groups.decode())
+        return True
+    lib = _libssl()
+    if lib is None:
+        return False
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != int(context.options):
+        return False
+    done = lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups))
+    return bool(done == 1)
+
+
 def _harden(context: ssl.SSLContext, min_version: ssl.TLSVersion) -> None:
     """Apply the profile shared by server and client contexts."""
     context.minimum_version = min_version
@@ -158,6 +210,11 @@ def _harden(context: ssl.SSLContext, min_version: ssl.TLSVersion) -> None:
     )
     # Python turns server preference on by default; the profile leaves the choice to the client.
     context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not restrict_groups(context):
+        _warn_once(
+            "cannot restrict TLS key-exchange groups on this Python/OpenSSL: "
+            "OpenSSL's default groups stay enabled"
+        )
 
 
 def _load_dh(context: ssl.SSLContext) -> None:
