@@ -190,11 +190,14 @@ class ServerSession:
         return self._render(reply)
 
     def start_tls(self) -> None:
-        """TLS is now active: forget plaintext leftovers and EHLO (RFC 3207 4.2)."""
+        """TLS is now active: forget EHLO and the transaction (RFC 3207 4.2).
+
+        Plaintext pipelined behind STARTTLS was dropped when the 220 was sent. The driver switches
+        its transport to TLS before it reads again, so whatever was fed since is TLS application
+        data, often the client's EHLO sent together with its handshake Finished: it is kept.
+        """
         if self.state is not State.TLS:
             raise LocalProtocolError("start_tls() without an accepted STARTTLS")
-        self.discarded_after_starttls += len(self._buf)
-        self._buf.clear()
         self.tls_active = True
         self.helo_name = None
         self.esmtp = False
