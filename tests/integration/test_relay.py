@@ -303,6 +303,9 @@ def test_upstream_down_gives_4xx_at_rcpt(tmp_path: Path, certs: Certs) -> None:
         (["-f", "rcpt"], 5),  # 5xx at RCPT
         (["-q", "mail"], 4),  # disconnect at MAIL
         (["-f", "ehlo"], 4),  # upstream refuses our EHLO: cannot relay
+        (["-b", "421 4.3.2 closing", "-r", "rcpt"], 4),  # 421 at RCPT
+        (["-b", "421 4.3.2 closing", "-r", "."], 4),  # 421 at end of data
+        (["-w", "5"], 4),  # slow: 5 s before the DATA reply, past our 3 s upstream timeout
     ],
 )
 def test_smtp_sink_faults_never_give_250(
