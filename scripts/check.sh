@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests bench fuzz
 .venv/bin/ruff format --check src tests bench fuzz
 .venv/bin/mypy
+./scripts/tls-second-opinion.sh  # informative only: never fails the build
 PYTHONASYNCIODEBUG=1 exec .venv/bin/python -m pytest "$@"

@@ -24,7 +24,7 @@ PYTHON="${PYTHON:-python3}"
 VENV="$REPO_ROOT/.venv"
 STAMP="$VENV/.install-deps.stamp"
 
-APT_PACKAGES=(redis-server swaks unbound nmap openssl faketime ca-certificates)
+APT_PACKAGES=(redis-server swaks unbound nmap openssl faketime ca-certificates testssl.sh)
 # Packages whose daemon the tests start themselves; the system service must not stay running.
 SERVICE_PACKAGES=(redis-server unbound)
 POLICY_RC_D=/usr/sbin/policy-rc.d
