@@ -522,18 +522,35 @@ class LimitsConfig(_Model):
         default=1000, description="Global; 421 4.7.0 above it."
     )
     max_connections_per_ip: Annotated[Int, AfterValidator(_at_least(1))] = 20
+    max_message_memory: Size = Field(
+        default=512 * 1024**2,
+        description="Message text held in memory by all sessions of one worker together: new "
+        "DATA gets 452 4.3.1 once three quarters of it are held, and the session whose bytes "
+        "pass it gets "
+        "421 4.3.1 (its sender retries; nothing was accepted). Bounds what many slow senders "
+        "of large messages can make a worker hold.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        problems: list[tuple[_Loc, str]] = []
         if self.max_connections_per_ip > self.max_connections:
-            raise _ProblemsError(
-                [
-                    (
-                        ("max_connections_per_ip",),
-                        f"must not exceed max_connections ({self.max_connections})",
-                    )
-                ]
+            problems.append(
+                (
+                    ("max_connections_per_ip",),
+                    f"must not exceed max_connections ({self.max_connections})",
+                )
             )
+        if self.max_message_memory < self.max_message_size:
+            problems.append(
+                (
+                    ("max_message_memory",),
+                    "must be at least max_message_size "
+                    f"({_show_size(self.max_message_size)}), or no message of that size fits",
+                )
+            )
+        if problems:
+            raise _ProblemsError(problems)
         return self
 
 

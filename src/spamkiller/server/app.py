@@ -142,6 +142,7 @@ class Worker:
         self.gate = Gate(
             max_connections=config.limits.max_connections,
             max_per_ip=config.limits.max_connections_per_ip,
+            max_message_memory=config.limits.max_message_memory,
         )
         self._servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
@@ -217,6 +218,7 @@ class Worker:
         task.add_done_callback(self._background.discard)
         self.gate.max_connections = config.limits.max_connections
         self.gate.max_per_ip = config.limits.max_connections_per_ip
+        self.gate.max_message_memory = config.limits.max_message_memory
         self.log.line("-", "reload", {"status": "ok"})
 
     async def serve_until_stopped(self, *, parent: int | None = None) -> None:

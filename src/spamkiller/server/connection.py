@@ -56,6 +56,8 @@ UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream server unavailable, try aga
 CLIENT_CERT_REFUSED = Reply(421, "4.7.0", "Client certificate not accepted")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+MEMORY_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+MEMORY_EXHAUSTED = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
 
 
 def new_session_id() -> str:
@@ -95,7 +97,9 @@ class Gate:
 
     max_connections: int
     max_per_ip: int
+    max_message_memory: int = 512 * 1024**2
     active: int = 0
+    message_memory: int = 0  # message text held by all sessions, octets
     per_ip: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     sessions: set[InboundConnection] = field(default_factory=set)
@@ -157,6 +161,7 @@ class InboundConnection(asyncio.Protocol):
         self._peer_allowed = True
         self._accepted: Reply | None = None  # rendered once per session
         self._bytes_in = 0  # octets received from the client
+        self._held = 0  # this session's share of gate.message_memory
         self._tls_begun = False  # a handshake started: the transport is (becoming) TLS
         self._message_started = 0.0  # monotonic time the current message text began
         self._message_bytes0 = 0  # _bytes_in at that moment
@@ -190,11 +195,34 @@ class InboundConnection(asyncio.Protocol):
             return
         self._bytes_in += len(data)
         session.receive_data(data)
+        held = session.message_bytes_held
+        if held != self._held:
+            gate = self.gate
+            gate.message_memory += held - self._held
+            self._held = held
+            if held and gate.message_memory > gate.max_message_memory:
+                self._memory_exhausted()
+                return
         if session.buffered > session.limits.max_pipeline_buffer and not self._paused:
             self._paused = True
             assert self.transport is not None
             self.transport.pause_reading()
         self._wake()
+
+    def _memory_exhausted(self) -> None:
+        """This session's bytes pushed the worker past max_message_memory: it ends (the
+        sender keeps its message and retries; nothing was accepted)."""
+        self._release_memory()
+        self._close_reason = "message memory exhausted"
+        self._write(MEMORY_EXHAUSTED.with_id(self.sid).wire)
+        if self.transport is not None:
+            self.transport.close()
+        self._lost = True
+        self._wake()
+
+    def _release_memory(self) -> None:
+        self.gate.message_memory -= self._held
+        self._held = 0
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -294,7 +322,7 @@ class InboundConnection(asyncio.Protocol):
             event = session.next_event()
             if isinstance(event, NeedData):
                 if self._lost:
-                    self._close_reason = "lost"
+                    self._close_reason = self._close_reason or "lost"
                     return
                 if not await self._wait_data(self._read_timeout(session)):
                     self._write(replies.TIMEOUT.with_id(self.sid).wire)
@@ -302,7 +330,9 @@ class InboundConnection(asyncio.Protocol):
                     return
                 continue
             if isinstance(event, ConnectionClosed):
-                self._close_reason = "lost during data" if event.mid_data else "client closed"
+                self._close_reason = self._close_reason or (
+                    "lost during data" if event.mid_data else "client closed"
+                )
                 return
             if self.gate.draining and session.state in (State.GREETED, State.READY):
                 # Shutting down: finish transactions in progress, turn away new ones.
@@ -311,6 +341,8 @@ class InboundConnection(asyncio.Protocol):
                 return
             reply = await self._decide(event)
             self._write(session.send(reply))
+            if self._held and not session.message_bytes_held:
+                self._release_memory()  # the message is answered: its text is no longer ours
             if session.state is State.TLS:
                 if not await self._handshake(TlsStart.STARTTLS):
                     return
@@ -390,6 +422,8 @@ class InboundConnection(asyncio.Protocol):
         return event.reply
 
     def _data_command(self, event: DataCommand) -> Reply:
+        if self.gate.message_memory * 4 >= self.gate.max_message_memory * 3:
+            return MEMORY_FULL  # three quarters held: let the messages in progress finish
         upstream = self.upstream
         if upstream is None or not upstream.usable or not upstream.in_transaction:
             return UPSTREAM_UNAVAILABLE
@@ -557,6 +591,7 @@ class InboundConnection(asyncio.Protocol):
 
     async def _finish(self, duration: float) -> None:
         self._wakeup.close()
+        self._release_memory()
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
             if upstream.in_transaction:

@@ -139,6 +139,13 @@ class ServerSession:
             self._buf += data
 
     @property
+    def message_bytes_held(self) -> int:
+        """Octets of the message in progress this session holds in memory."""
+        if self.state is State.DATA:
+            return len(self._buf)
+        return len(self._bdat_buf)
+
+    @property
     def reading_message(self) -> bool:
         """Inside message text: after 354, or inside a BDAT chunk."""
         return self.state is State.DATA or self._chunk is not None
