@@ -560,6 +560,53 @@ class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
 
 
+class CheckConfig(_Model):
+    """Settings every check has."""
+
+    enabled: bool = True
+    on_error: Literal["accept", "tempfail"] = Field(
+        default="accept",
+        description="What a failure or timeout of this check means: accept (score it as "
+        "CHECK_ERROR/CHECK_TIMEOUT and go on) or tempfail (451 4.7.1, the sender retries).",
+    )
+    timeout: Timeout = 5.0
+
+
+class ChecksConfig(_Model):
+    """One section per check."""
+
+    helo: CheckConfig = Field(default_factory=CheckConfig)
+
+
+class ThresholdsConfig(_Model):
+    tag: float = 5.0
+    reject: float = 15.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.reject < self.tag:
+            raise _ProblemsError([(("reject",), f"must not be below tag ({self.tag:g})")])
+        return self
+
+
+def _known_symbols(value: dict[str, float]) -> dict[str, float]:
+    from spamkiller.checks.symbols import SYMBOLS  # a leaf table: no cycle, no heavy import
+
+    unknown = sorted(set(value) - set(SYMBOLS))
+    if unknown:
+        raise ValueError(f"unknown symbol(s) {', '.join(unknown)}; see docs/symbols.md")
+    return value
+
+
+class PolicyConfig(_Model):
+    """Weights and thresholds: findings become a score, the score an action."""
+
+    weights: Annotated[dict[str, float], AfterValidator(_known_symbols)] = Field(
+        default_factory=dict, description="Symbol -> weight, overriding docs/symbols.md."
+    )
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
+
+
 def _default_listeners() -> list[ListenerConfig]:
     return [ListenerConfig(name="mx", address="127.0.0.1", port=2525, tls="starttls")]
 
@@ -596,6 +643,8 @@ class Config(_Model):
         default=30.0, description="How long SIGTERM lets open sessions finish."
     )
     log: LogConfig = Field(default_factory=LogConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @property
     def dev_maildir(self) -> Path:

@@ -21,6 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from spamkiller.checks.base import Check
+from spamkiller.checks.helo import HeloCheck
+from spamkiller.checks.pipeline import CheckSettings, Pipeline
+from spamkiller.checks.policy import Thresholds
 from spamkiller.config import Config, load
 from spamkiller.errors import ConfigError
 from spamkiller.observability.logging import EventLog
@@ -114,7 +118,21 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
         listeners=policies,
         upstream=Upstream(target, limits),
         log=log,
+        pipeline=build_pipeline(config),
+        weights=dict(config.policy.weights),
+        thresholds=Thresholds(
+            tag=config.policy.thresholds.tag, reject=config.policy.thresholds.reject
+        ),
     )
+
+
+def build_pipeline(config: Config) -> Pipeline:
+    """The enabled checks with their settings: the one place check classes are chosen."""
+    checks: list[tuple[Check, CheckSettings]] = []
+    helo = config.checks.helo
+    if helo.enabled:
+        checks.append((HeloCheck(), CheckSettings(timeout=helo.timeout, on_error=helo.on_error)))
+    return Pipeline(checks)
 
 
 def _listener_set(config: Config) -> set[tuple[str, str, int]]:

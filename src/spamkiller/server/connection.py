@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from spamkiller.checks.base import CheckContext, Stage
+from spamkiller.checks.pipeline import NOTHING, Pipeline
+from spamkiller.checks.policy import Thresholds, Verdict, decide
 from spamkiller.checks.relay import check_recipient
 from spamkiller.errors import UpstreamUnavailable
 from spamkiller.observability.logging import EventLog
@@ -89,6 +92,9 @@ class Runtime:
     listeners: dict[str, ListenerPolicy]
     upstream: Upstream
     log: EventLog
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    weights: dict[str, float] = field(default_factory=dict)
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 @dataclass(slots=True)
@@ -163,6 +169,11 @@ class InboundConnection(asyncio.Protocol):
         self._bytes_in = 0  # octets received from the client
         self._held = 0  # this session's share of gate.message_memory
         self._tls_begun = False  # a handshake started: the transport is (becoming) TLS
+        self.ctx: CheckContext | None = None
+        self._connect_result = NOTHING
+        self._helo_result = NOTHING
+        self._mail_result = NOTHING
+        self._verdict: Verdict | None = None  # the last recipient's, for the message log line
         self._message_started = 0.0  # monotonic time the current message text began
         self._message_bytes0 = 0  # _bytes_in at that moment
         self._early = bytearray()  # bytes that arrived before the session existed
@@ -293,6 +304,13 @@ class InboundConnection(asyncio.Protocol):
                 session.receive_data(b"")
             if not self.tls.active:
                 self.tls = TlsFacts.plaintext(starttls_offered=starttls)
+            self.ctx = CheckContext(
+                client_ip=self.client_ip,
+                listener=policy.name,
+                our_hostname=rt.hostname,
+                our_domains=rt.domains,
+                tls=self.tls,
+            )
             rt.log.line(
                 self.sid,
                 "connect",
@@ -306,6 +324,8 @@ class InboundConnection(asyncio.Protocol):
                 self._write(session.greeting(CLIENT_CERT_REFUSED))
                 self._close_reason = "client certificate refused"
                 return
+            if rt.pipeline.has(Stage.CONNECT):
+                self._connect_result = await rt.pipeline.run(Stage.CONNECT, self.ctx)
             self._write(session.greeting())
             await self._dialogue(session)
         except Exception as exc:  # a bug must end this session, not the server
@@ -368,6 +388,12 @@ class InboundConnection(asyncio.Protocol):
             if event.params.size is not None:
                 params.append(f"SIZE={event.params.size}")
             self.txn = _Transaction(event.sender, " ".join(params))
+            self._mail_result = NOTHING
+            if self.ctx is not None:
+                self.ctx.mail_from = self.txn.sender
+                self.ctx.recipients = []
+                if self.rt.pipeline.has(Stage.MAIL):
+                    self._mail_result = await self.rt.pipeline.run(Stage.MAIL, self.ctx)
             return event.reply
         if isinstance(event, RcptTo):
             return await self._rcpt(event)
@@ -387,6 +413,11 @@ class InboundConnection(asyncio.Protocol):
         if isinstance(event, Reset | Ehlo):
             await self._reset_upstream()
             self.txn = None
+            if isinstance(event, Ehlo) and self.ctx is not None:
+                # Findings are kept for RCPT time, when the envelope is known and a rejection can
+                # be logged with it (Postfix's smtpd_delay_reject).
+                self.ctx.helo = event.name
+                self._helo_result = await self.rt.pipeline.run(Stage.HELO, self.ctx)
             return event.reply
         if isinstance(event, Quit | StartTls):
             await self._reset_upstream()
@@ -403,6 +434,9 @@ class InboundConnection(asyncio.Protocol):
         txn = self.txn
         assert txn is not None  # the session only emits RCPT after an accepted MAIL
         recipient = str(event.recipient)
+        verdict = await self._judge_rcpt(recipient)
+        if verdict.reply is not None:
+            return verdict.reply
         try:
             upstream = await self._upstream()
             if upstream.in_transaction:
@@ -420,6 +454,40 @@ class InboundConnection(asyncio.Protocol):
             return reply  # the upstream's refusal becomes ours, at RCPT time
         txn.recipients.append(recipient)
         return event.reply
+
+    async def _judge_rcpt(self, recipient: str) -> Verdict:
+        """Everything found so far, plus this recipient's checks, scored; logged if refused."""
+        rt = self.rt
+        ctx = self.ctx
+        rcpt_result = NOTHING
+        if ctx is not None and rt.pipeline.has(Stage.RCPT):
+            ctx.rcpt = recipient
+            rcpt_result = await rt.pipeline.run(Stage.RCPT, ctx)
+        results = (self._connect_result, self._helo_result, self._mail_result, rcpt_result)
+        tempfail = next((r.tempfail for r in results if r.tempfail), None)
+        verdict = decide(
+            (f for r in results for f in r.findings),
+            weights=rt.weights,
+            thresholds=rt.thresholds,
+            tempfail=tempfail,
+        )
+        self._verdict = verdict
+        if verdict.reply is not None:
+            txn = self.txn
+            rt.log.line(
+                self.sid,
+                "reject" if verdict.reply.is_permanent else "defer",
+                {
+                    "stage": "rcpt",
+                    "from": f"<{txn.sender}>" if txn else None,
+                    "to": f"<{recipient}>",
+                    "score": verdict.score,
+                    "rules": verdict.rules or None,
+                    "reason": tempfail,
+                    "reply": str(verdict.reply),
+                },
+            )
+        return verdict
 
     def _data_command(self, event: DataCommand) -> Reply:
         if self.gate.message_memory * 4 >= self.gate.max_message_memory * 3:
@@ -583,6 +651,8 @@ class InboundConnection(asyncio.Protocol):
             "relay": upstream.peer if upstream else None,
             "relay_tls": upstream.tls if upstream else None,
             "delay": f"{time.monotonic() - txn.started:.3f}" if txn else None,
+            "score": self._verdict.score if self._verdict and self._verdict.rules else None,
+            "rules": self._verdict.rules if self._verdict and self._verdict.rules else None,
             "status": status,
             "reply": str(reply),
         }

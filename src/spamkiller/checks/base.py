@@ -1,0 +1,60 @@
+"""What a check is: it looks at one SMTP stage and reports findings; it never decides.
+
+Rules this module keeps:
+- A check returns `Finding`s named by stable symbols (`symbols.py`, documented in
+  docs/symbols.md); the weight comes from config, a finding only scales it (`factor`).
+- Checks get everything through `CheckContext`: typed fields, filled in as the session goes on.
+  What one check needs from another is a field here, not a string bag.
+- Checks never import a concrete resolver, store or the server: they get protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+from spamkiller.tls.facts import TlsFacts
+
+
+class Stage(IntEnum):
+    """SMTP stages in order; a check runs at exactly one."""
+
+    CONNECT = 0
+    HELO = 1
+    MAIL = 2
+    RCPT = 3
+    DATA = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finding:
+    symbol: str  # stable public name: "HELO_IS_OURS"
+    factor: float = 1.0  # multiplies the configured weight
+    detail: str = ""  # for logs and headers; never changes the score
+
+
+@dataclass(slots=True, kw_only=True)
+class CheckContext:
+    """What the session knows so far; checks read it, the driver fills it in."""
+
+    client_ip: str
+    listener: str
+    our_hostname: str
+    our_domains: frozenset[str]
+    tls: TlsFacts
+    helo: str | None = None
+    mail_from: str | None = None  # "" for the null sender
+    recipients: list[str] = field(default_factory=list)
+    rcpt: str | None = None  # the recipient being checked at the RCPT stage
+
+
+class Check(Protocol):
+    """One check. `cost` orders checks of a stage: cheap local ones first, DNS next."""
+
+    name: str
+    stage: Stage
+    cost: int
+
+    async def run(self, ctx: CheckContext) -> Sequence[Finding]: ...
