@@ -17,7 +17,9 @@ ALLOWED: dict[str, set[str]] = {
     "smtp": {"errors"},
     "tls": {"errors"},
     "config": {"errors", "units", "tls", "checks"},  # checks.symbols only, a leaf table
-    "checks": {"smtp", "tls", "config", "errors"},
+    "checks": {"smtp", "tls", "config", "errors", "dns", "store"},  # dns/store: protocols only
+    "dns": {"errors", "config"},
+    "store": {"errors", "config"},
     "relay": {"smtp", "tls", "errors", "config", "timers"},
     "observability": set(),
     "server": {
