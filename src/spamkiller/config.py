@@ -382,10 +382,10 @@ class ListenerConfig(_Model):
                         "have no effect unless client_cert is optional or required",
                     )
                 )
-        if self.proxy_protocol:
-            # Named in the contract; accepting it before the listener speaks PROXY would make a
-            # load balancer's address look like every client's: refuse rather than ignore it.
-            problems.append((("proxy_protocol",), "is not supported by this version yet"))
+        if self.proxy_protocol and self.tls == "implicit":
+            # The header comes before the TLS handshake, and asyncio's start_tls cannot be handed
+            # bytes already read: terminate TLS at the proxy or use STARTTLS behind it.
+            problems.append((("proxy_protocol",), "is not supported with tls: implicit"))
         if self.proxy_protocol and not self.trusted_proxies:
             problems.append(
                 (

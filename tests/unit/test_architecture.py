@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "spamkiller"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "units": set(),
+    "proxyproto": set(),
     "timers": set(),
     "smtp": {"errors"},
     "tls": {"errors"},
@@ -32,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
         "checks",
         "relay",
         "observability",
+        "proxyproto",
     },
     "cli": {"server", "config", "errors", "observability"},
     "__init__": set(),

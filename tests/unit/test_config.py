@@ -356,8 +356,8 @@ RULES: list[tuple[str, str]] = [
     ),
     (L % "proxy_protocol: true", "listeners.0.trusted_proxies: required when proxy_protocol "),
     (
-        L % "proxy_protocol: true, trusted_proxies: [127.0.0.1]",
-        "listeners.0.proxy_protocol: is not supported by this version yet",
+        L % "proxy_protocol: true, trusted_proxies: [127.0.0.1], tls: implicit",
+        "listeners.0.proxy_protocol: is not supported with tls: implicit",
     ),
     (L % "proxy_protocol: true, trusted_proxies: [10.0.0.300]", "listeners.0.trusted_proxies.0: "),
     (L % "client_cert: sometimes", "listeners.0.client_cert: "),

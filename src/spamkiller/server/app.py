@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -77,6 +78,10 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
             tls=listener.tls,
             require_tls=listener.require_tls,
             server_tls=server_tls,
+            proxy_protocol=listener.proxy_protocol,
+            trusted_proxies=tuple(
+                ipaddress.ip_network(n, strict=False) for n in listener.trusted_proxies
+            ),
         )
     up = config.upstream
     upstream_ctx = None

@@ -12,6 +12,7 @@ one `write`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import ssl
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from spamkiller import proxyproto
 from spamkiller.checks.base import CheckContext, Stage
 from spamkiller.checks.pipeline import NOTHING, Pipeline
 from spamkiller.checks.policy import Thresholds, Verdict, decide
@@ -76,6 +78,15 @@ class ListenerPolicy:
     tls: str  # starttls | implicit | none
     require_tls: bool
     server_tls: ServerTls | None  # None only when tls is "none"
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -169,6 +180,8 @@ class InboundConnection(asyncio.Protocol):
         self._bytes_in = 0  # octets received from the client
         self._held = 0  # this session's share of gate.message_memory
         self._tls_begun = False  # a handshake started: the transport is (becoming) TLS
+        self._awaiting_proxy = False  # reading a PROXY header before anything else
+        self._proxied_by: str | None = None  # "ip:port" of the trusted proxy, if any
         self.ctx: CheckContext | None = None
         self._connect_result = NOTHING
         self._helo_result = NOTHING
@@ -185,6 +198,19 @@ class InboundConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        if self.policy.proxy_protocol:
+            # Admission waits for the PROXY header: caps count the real client, not the proxy.
+            if not self.policy.trusts(self.client_ip):
+                self.rt.log.line(
+                    self.sid,
+                    "refused",
+                    {"client": f"[{self.client_ip}]", "reason": "untrusted proxy"},
+                )
+                self.transport.close()
+                return
+            self._awaiting_proxy = True
+            self._task = asyncio.get_running_loop().create_task(self._run())
+            return
         refusal = self.gate.admit(self.client_ip)
         if refusal is not None:
             self.transport.write(refusal.with_id(self.sid).wire)
@@ -200,9 +226,11 @@ class InboundConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is None:
-            # Before the banner (pregreet) or a refused connection: kept for the session, bounded.
-            if self._admitted and len(self._early) < 65536:
+            # Before the banner (pregreet) or a PROXY header: kept for the session, bounded.
+            if (self._admitted or self._awaiting_proxy) and len(self._early) < 65536:
                 self._early += data
+                if self._awaiting_proxy:
+                    self._wake()
             return
         self._bytes_in += len(data)
         session.receive_data(data)
@@ -286,6 +314,8 @@ class InboundConnection(asyncio.Protocol):
         policy = self.policy
         began = time.monotonic()
         try:
+            if policy.proxy_protocol and not await self._proxy_header():
+                return
             if policy.tls == "implicit" and not await self._handshake(TlsStart.IMPLICIT):
                 return
             starttls = policy.tls == "starttls" and policy.server_tls is not None
@@ -317,6 +347,7 @@ class InboundConnection(asyncio.Protocol):
                 {
                     "client": f"[{self.client_ip}]:{self.client_port}",
                     "listener": policy.name,
+                    "proxy": self._proxied_by,
                     "tls": self.tls.log_value(),
                 },
             )
@@ -336,6 +367,36 @@ class InboundConnection(asyncio.Protocol):
                 )
         finally:
             await self._finish(time.monotonic() - began)
+
+    async def _proxy_header(self) -> bool:
+        """Read the PROXY header a trusted proxy sends first; then admit the real client."""
+        proxy = f"{self.client_ip}:{self.client_port}"
+        deadline = time.monotonic() + self.rt.handshake_timeout
+        while True:
+            try:
+                header = proxyproto.parse(bytes(self._early))
+            except proxyproto.ProxyHeaderError as exc:
+                self._close_reason = f"bad PROXY header from {proxy}: {exc}"
+                return False
+            if header is not None:
+                break
+            left = deadline - time.monotonic()
+            if self._lost or self._eof or left <= 0 or not await self._wakeup.wait(left):
+                self._close_reason = f"no PROXY header from {proxy}"
+                return False
+        del self._early[: header.length]
+        self._awaiting_proxy = False
+        if header.source_ip is not None and header.source_port is not None:
+            self.client_ip, self.client_port = header.source_ip, header.source_port
+        refusal = self.gate.admit(self.client_ip)
+        if refusal is not None:
+            self._write(refusal.with_id(self.sid).wire)
+            self._close_reason = f"refused: {refusal.text}"
+            return False
+        self._admitted = True
+        self.gate.sessions.add(self)
+        self._proxied_by = proxy
+        return True
 
     async def _dialogue(self, session: ServerSession) -> None:
         while True:
