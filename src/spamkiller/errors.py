@@ -7,6 +7,8 @@ builtin still catch them.
     SpamKillerError
     ├── ConfigError(ValueError)          the admin's file is wrong; carries "key.path: reason" lines
     │   └── TlsConfigError               a certificate or key named in the config is unusable
+    ├── DnsError (dns/resolver.py)       a lookup failed: DnsTempError (retry) or DnsPermError
+    │                                    (DnsNxDomain, DnsNoData, DnsInvalidName)
     ├── ProtocolError                    a peer broke SMTP
     │   ├── RemoteProtocolError          the other side did it (client inbound, upstream outbound)
     │   └── LocalProtocolError           we tried to send something illegal now (a bug)
