@@ -9,7 +9,7 @@ builtin still catch them.
     │   └── TlsConfigError               a certificate or key named in the config is unusable
     ├── DnsError (dns/resolver.py)       a lookup failed: DnsTempError (retry) or DnsPermError
     │                                    (DnsNxDomain, DnsNoData, DnsInvalidName)
-    ├── StoreError (store/base.py)       the state store's backend failed; a check's on_error applies
+    ├── StoreError (store/base.py)       the state store failed; the check's on_error applies
     ├── ProtocolError                    a peer broke SMTP
     │   ├── RemoteProtocolError          the other side did it (client inbound, upstream outbound)
     │   └── LocalProtocolError           we tried to send something illegal now (a bug)
