@@ -33,9 +33,9 @@ import binascii
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -56,6 +56,10 @@ from yaml.nodes import MappingNode
 
 from spamkiller.errors import ConfigError
 from spamkiller.units import format_duration, format_size, parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from spamkiller.tls.certs import LoadedPair
+    from spamkiller.tls.contexts import ServerTls
 
 __all__ = [
     "CertificatePair",
@@ -844,7 +848,6 @@ def check_files(config: Config) -> list[str]:
     """
     from spamkiller.errors import TlsConfigError
     from spamkiller.tls.certs import check_ca_file, inspect_pair, load_pairs
-    from spamkiller.tls.contexts import ServerTls
 
     problems: list[str] = []
     pairs = [(pair.cert, pair.key) for pair in config.tls.certificates]
@@ -874,14 +877,25 @@ def check_files(config: Config) -> list[str]:
             if listener.tls == "none":
                 continue
             try:
-                ServerTls.build(
-                    loaded,
-                    min_version=config.tls.min_version,
-                    client_cert=listener.client_cert,
-                    client_ca_file=listener.client_ca_file,
-                    client_cert_pins=listener.client_cert_pins,
-                    listener_key=f"listeners.{index}",
-                )
+                listener_tls(config, index, loaded)
             except TlsConfigError as error:
                 problems.extend(error.problems)
     return list(dict.fromkeys(problems))
+
+
+def listener_tls(config: Config, index: int, pairs: Sequence[LoadedPair]) -> ServerTls:
+    """The TLS contexts of listener `index` (TlsConfigError naming its keys if they cannot be made).
+
+    One place for both `check_files` and the server, so check-config judges what will run.
+    """
+    from spamkiller.tls.contexts import ServerTls
+
+    listener = config.listeners[index]
+    return ServerTls.build(
+        pairs,
+        min_version=config.tls.min_version,
+        client_cert=listener.client_cert,
+        client_ca_file=listener.client_ca_file,
+        client_cert_pins=listener.client_cert_pins,
+        listener_key=f"listeners.{index}",
+    )

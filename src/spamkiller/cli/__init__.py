@@ -7,14 +7,31 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from spamkiller import __version__
 
+if TYPE_CHECKING:
+    from spamkiller.config import Config
+
 
 def _config_path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+def _load_or_exit(path: Path | None) -> Config:
+    """The validated config, or its problems on stderr (one `key.path: reason` each) and exit 1."""
+    from spamkiller.config import load
+    from spamkiller.errors import ConfigError
+
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,15 +55,9 @@ def run(config_file: str | None) -> None:
 @click.option("-c", "--config", "config_file", metavar="FILE", required=True, help="YAML config.")
 def check_config(config_file: str) -> None:
     """Validate config, certificates and keys without starting (exit 1 on problems)."""
-    from spamkiller.config import check_files, load
-    from spamkiller.errors import ConfigError
+    from spamkiller.config import check_files
 
-    try:
-        config = load(Path(config_file))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        sys.exit(1)
+    config = _load_or_exit(Path(config_file))
     problems = check_files(config)
     if problems:
         for problem in problems:
@@ -66,16 +77,9 @@ def config_group() -> None:
 )
 def config_dump(config_file: str | None) -> None:
     """Print the effective configuration, defaults included."""
-    from spamkiller.config import dump_effective, load
-    from spamkiller.errors import ConfigError
+    from spamkiller.config import dump_effective
 
-    try:
-        config = load(_config_path(config_file))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        sys.exit(1)
-    click.echo(dump_effective(config), nl=False)
+    click.echo(dump_effective(_load_or_exit(_config_path(config_file))), nl=False)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from spamkiller.checks.base import Check
 from spamkiller.checks.helo import HeloCheck
 from spamkiller.checks.pipeline import CheckSettings, Pipeline
 from spamkiller.checks.policy import Thresholds
-from spamkiller.config import Config, load
+from spamkiller.config import Config, listener_tls, load
 from spamkiller.errors import ConfigError
 from spamkiller.observability.logging import EventLog
 from spamkiller.relay.upstream import Upstream, UpstreamTarget
@@ -34,7 +34,7 @@ from spamkiller.server.connection import Gate, InboundConnection, ListenerPolicy
 from spamkiller.server.devupstream import DevUpstream
 from spamkiller.smtp.limits import Limits
 from spamkiller.tls.certs import LoadedPair, load_pairs, make_self_signed
-from spamkiller.tls.contexts import ServerTls, client_context
+from spamkiller.tls.contexts import client_context
 
 
 def self_signed_paths(config: Config) -> tuple[Path, Path]:
@@ -63,16 +63,7 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
         pairs = load_pairs(files, key_path_prefix=prefix)
     policies: dict[str, ListenerPolicy] = {}
     for index, listener in enumerate(config.listeners):
-        server_tls = None
-        if listener.tls != "none":
-            server_tls = ServerTls.build(
-                pairs,
-                min_version=config.tls.min_version,
-                client_cert=listener.client_cert,
-                client_ca_file=listener.client_ca_file,
-                client_cert_pins=listener.client_cert_pins,
-                listener_key=f"listeners.{index}",
-            )
+        server_tls = None if listener.tls == "none" else listener_tls(config, index, pairs)
         policies[listener.name] = ListenerPolicy(
             name=listener.name,
             tls=listener.tls,
