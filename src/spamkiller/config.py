@@ -576,10 +576,36 @@ class CheckConfig(_Model):
     timeout: Timeout = 5.0
 
 
+class DnsblZone(_Model):
+    zone: DnsName
+    weight: float = Field(description="Points when listed; negative for an allow list.")
+    match: list[Network] = Field(
+        default_factory=list,
+        description="Return addresses that count (e.g. 127.0.0.2/32); default: any 127.0.0.0/8 "
+        "except 127.255.255.0/24, which lists use for 'query refused'.",
+    )
+
+
+class DnsblConfig(CheckConfig):
+    zones: list[DnsblZone] = Field(default_factory=list)
+
+
 class ChecksConfig(_Model):
     """One section per check."""
 
     helo: CheckConfig = Field(default_factory=CheckConfig)
+    dnsbl: DnsblConfig = Field(default_factory=DnsblConfig)
+
+
+class DnsConfig(_Model):
+    """The resolver every DNS check shares (one per worker process)."""
+
+    nameservers: list[str] = Field(
+        default_factory=list,
+        description="IP, IP:port or [IPv6]:port; empty: the system's /etc/resolv.conf.",
+    )
+    timeout: Timeout = 5.0
+    cache_size: Annotated[Int, AfterValidator(_at_least(0))] = 10_000
 
 
 class ThresholdsConfig(_Model):
@@ -647,6 +673,7 @@ class Config(_Model):
         default=30.0, description="How long SIGTERM lets open sessions finish."
     )
     log: LogConfig = Field(default_factory=LogConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 

@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
         "relay",
         "observability",
         "proxyproto",
+        "dns",
     },
     "cli": {"server", "config", "errors", "observability"},
     "__init__": set(),

@@ -109,5 +109,5 @@ def test_policy_scores_with_overrides_and_thresholds() -> None:
 
 
 def test_docs_list_every_symbol_with_its_weight() -> None:
-    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([0-9.]+) \|", DOCS.read_text(), re.MULTILINE))
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| (-?[0-9.]+) \|", DOCS.read_text(), re.MULTILINE))
     assert rows == {name: f"{s.weight:.1f}" for name, s in SYMBOLS.items()}

@@ -45,6 +45,16 @@ SYMBOLS: dict[str, Symbol] = {
             meaning="HELO name looks like a dynamic or residential address",
         ),
         Symbol(
+            name="DNSBL_LISTED",
+            weight=1.0,
+            meaning="client address on a DNS block list (x the zone's weight)",
+        ),
+        Symbol(
+            name="DNSWL_LISTED",
+            weight=-1.0,
+            meaning="client address on a DNS allow list (x the zone's weight)",
+        ),
+        Symbol(
             name="CHECK_TIMEOUT",
             weight=0.0,
             meaning="a check did not answer in time; its on_error applies",

@@ -23,10 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spamkiller.checks.base import Check
+from spamkiller.checks.dnsbl import DnsblCheck, Zone
 from spamkiller.checks.helo import HeloCheck
 from spamkiller.checks.pipeline import CheckSettings, Pipeline
 from spamkiller.checks.policy import Thresholds
 from spamkiller.config import Config, listener_tls, load
+from spamkiller.dns.resolver import Resolver
 from spamkiller.errors import ConfigError
 from spamkiller.observability.logging import EventLog
 from spamkiller.relay.upstream import Upstream, UpstreamTarget
@@ -128,7 +130,29 @@ def build_pipeline(config: Config) -> Pipeline:
     helo = config.checks.helo
     if helo.enabled:
         checks.append((HeloCheck(), CheckSettings(timeout=helo.timeout, on_error=helo.on_error)))
+    dnsbl = config.checks.dnsbl
+    if dnsbl.enabled and dnsbl.zones:
+        zones = [
+            Zone(
+                zone=z.zone,
+                weight=z.weight,
+                match=tuple(ipaddress.IPv4Network(m, strict=False) for m in z.match),
+            )
+            for z in dnsbl.zones
+        ]
+        settings = CheckSettings(timeout=dnsbl.timeout, on_error=dnsbl.on_error)
+        checks.append((DnsblCheck(build_resolver(config), zones), settings))
     return Pipeline(checks)
+
+
+def build_resolver(config: Config) -> Resolver:
+    """One resolver per worker; dnspython is only imported when a DNS check is on."""
+    from spamkiller.dns.dnspython import DnspythonResolver
+
+    dns = config.dns
+    return DnspythonResolver(
+        dns.nameservers or None, timeout=dns.timeout, cache_size=dns.cache_size
+    )
 
 
 def _listener_set(config: Config) -> set[tuple[str, str, int]]:
