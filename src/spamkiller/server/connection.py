@@ -172,9 +172,8 @@ class InboundConnection(asyncio.Protocol):
         self._lost = False
         self._paused = False
         self._admitted = False
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # held so the loop cannot drop it
         self._close_reason = ""
-        self._messages = 0
         self._peer_allowed = True
         self._accepted: Reply | None = None  # rendered once per session
         self._bytes_in = 0  # octets received from the client
@@ -568,7 +567,6 @@ class InboundConnection(asyncio.Protocol):
         txn = self.txn
         upstream = self.upstream
         assert session is not None and txn is not None
-        self._messages += 1
         if upstream is None or not upstream.usable or not upstream.in_transaction:
             self._log_message(status="deferred", reply=UPSTREAM_UNAVAILABLE, size=event.data.size)
             return UPSTREAM_UNAVAILABLE
