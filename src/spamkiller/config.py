@@ -595,6 +595,7 @@ class ChecksConfig(_Model):
 
     helo: CheckConfig = Field(default_factory=CheckConfig)
     dnsbl: DnsblConfig = Field(default_factory=DnsblConfig)
+    fcrdns: CheckConfig = Field(default_factory=lambda: CheckConfig(enabled=False))
 
 
 class DnsConfig(_Model):

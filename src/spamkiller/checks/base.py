@@ -10,6 +10,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -44,6 +45,7 @@ class CheckContext:
     our_hostname: str
     our_domains: frozenset[str]
     tls: TlsFacts
+    client_name: str | None = None  # forward-confirmed reverse name (FCrDNS), when known
     helo: str | None = None
     mail_from: str | None = None  # "" for the null sender
     recipients: list[str] = field(default_factory=list)
@@ -58,3 +60,16 @@ class Check(Protocol):
     cost: int
 
     async def run(self, ctx: CheckContext) -> Sequence[Finding]: ...
+
+
+_DOCUMENTATION = tuple(
+    ipaddress.ip_network(n)
+    for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+
+
+def worth_looking_up(ip: str) -> bool:
+    """Public addresses (and the documentation ranges tests and examples use): private,
+    loopback and link-local clients are in no public DNS list and have no public reverse name."""
+    address = ipaddress.ip_address(ip)
+    return address.is_global or any(address in net for net in _DOCUMENTATION)

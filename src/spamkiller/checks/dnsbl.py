@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spamkiller.checks.base import CheckContext, Finding, Stage
+from spamkiller.checks.base import CheckContext, Finding, Stage, worth_looking_up
 from spamkiller.dns.resolver import DnsPermError, Resolver, reverse_labels
 
 _REFUSED = ipaddress.ip_network("127.255.255.0/24")
@@ -45,8 +45,7 @@ class DnsblCheck:
         self.zones = tuple(zones)
 
     async def run(self, ctx: CheckContext) -> Sequence[Finding]:
-        address = ipaddress.ip_address(ctx.client_ip)
-        if not address.is_global and not _is_documentation(address):
+        if not worth_looking_up(ctx.client_ip):
             return []
         labels = reverse_labels(ctx.client_ip)
         answers = await asyncio.gather(
@@ -84,9 +83,3 @@ class DnsblCheck:
             elif code in _ANY_LISTING:
                 return value
         return ""
-
-
-def _is_documentation(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """TEST-NET and 2001:db8::/32: not global, but what tests and examples use."""
-    nets = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
-    return any(address in ipaddress.ip_network(n) for n in nets)

@@ -45,6 +45,16 @@ SYMBOLS: dict[str, Symbol] = {
             meaning="HELO name looks like a dynamic or residential address",
         ),
         Symbol(
+            name="RDNS_NONE",
+            weight=2.0,
+            meaning="the client's address has no reverse DNS name",
+        ),
+        Symbol(
+            name="FCRDNS_MISMATCH",
+            weight=1.5,
+            meaning="no reverse name of the client resolves back to its address",
+        ),
+        Symbol(
             name="DNSBL_LISTED",
             weight=1.0,
             meaning="client address on a DNS block list (x the zone's weight)",

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from spamkiller.checks.base import Check
 from spamkiller.checks.dnsbl import DnsblCheck, Zone
+from spamkiller.checks.fcrdns import FcrdnsCheck
 from spamkiller.checks.helo import HeloCheck
 from spamkiller.checks.pipeline import CheckSettings, Pipeline
 from spamkiller.checks.policy import Thresholds
@@ -130,6 +131,12 @@ def build_pipeline(config: Config) -> Pipeline:
     helo = config.checks.helo
     if helo.enabled:
         checks.append((HeloCheck(), CheckSettings(timeout=helo.timeout, on_error=helo.on_error)))
+    resolver: Resolver | None = None
+    fcrdns = config.checks.fcrdns
+    if fcrdns.enabled:
+        resolver = build_resolver(config)
+        settings = CheckSettings(timeout=fcrdns.timeout, on_error=fcrdns.on_error)
+        checks.append((FcrdnsCheck(resolver), settings))
     dnsbl = config.checks.dnsbl
     if dnsbl.enabled and dnsbl.zones:
         zones = [
@@ -141,7 +148,7 @@ def build_pipeline(config: Config) -> Pipeline:
             for z in dnsbl.zones
         ]
         settings = CheckSettings(timeout=dnsbl.timeout, on_error=dnsbl.on_error)
-        checks.append((DnsblCheck(build_resolver(config), zones), settings))
+        checks.append((DnsblCheck(resolver or build_resolver(config), zones), settings))
     return Pipeline(checks)
 
 

@@ -575,7 +575,7 @@ class InboundConnection(asyncio.Protocol):
         header = received_header(
             helo=session.helo_name,
             client_ip=self.client_ip,
-            client_name=None,
+            client_name=self.ctx.client_name if self.ctx is not None else None,
             hostname=self.rt.hostname,
             session_id=self.sid,
             protocol=protocol_name(
