@@ -336,6 +336,12 @@ class ListenerConfig(_Model):
         description="Answer 530 5.7.0 until STARTTLS. Never on public port 25 by default "
         "(RFC 3207 section 4): plaintext is scored there instead.",
     )
+    greet_delay: Duration = Field(
+        default=0.0,
+        description="Wait this long before the banner; a client that talks first (pregreet, "
+        "as spamware does) is scored PREGREET. Meant for port 25 (postscreen's greet wait); "
+        "connect-stage checks (DNSBL, FCrDNS) run during the wait. 0 turns it off.",
+    )
     proxy_protocol: bool = Field(
         default=False,
         description="Expect a HAProxy PROXY v1/v2 header from trusted_proxies, giving the real "
@@ -386,6 +392,12 @@ class ListenerConfig(_Model):
                         "have no effect unless client_cert is optional or required",
                     )
                 )
+        if self.greet_delay > 30:
+            problems.append((("greet_delay",), "must be at most 30s: senders give up at 5 minutes"))
+        if self.greet_delay and self.tls == "implicit":
+            problems.append(
+                (("greet_delay",), "has no meaning with tls: implicit (TLS speaks first)")
+            )
         if self.proxy_protocol and self.tls == "implicit":
             # The header comes before the TLS handshake, and asyncio's start_tls cannot be handed
             # bytes already read: terminate TLS at the proxy or use STARTTLS behind it.

@@ -356,6 +356,14 @@ RULES: list[tuple[str, str]] = [
     ),
     (L % "proxy_protocol: true", "listeners.0.trusted_proxies: required when proxy_protocol "),
     (
+        L % "greet_delay: 2m",
+        "listeners.0.greet_delay: must be at most 30s: senders give up at 5 minutes",
+    ),
+    (
+        L % "greet_delay: 2s, tls: implicit",
+        "listeners.0.greet_delay: has no meaning with tls: implicit (TLS speaks first)",
+    ),
+    (
         L % "proxy_protocol: true, trusted_proxies: [127.0.0.1], tls: implicit",
         "listeners.0.proxy_protocol: is not supported with tls: implicit",
     ),

@@ -45,6 +45,11 @@ SYMBOLS: dict[str, Symbol] = {
             meaning="HELO name looks like a dynamic or residential address",
         ),
         Symbol(
+            name="PREGREET",
+            weight=5.0,
+            meaning="the client talked before our banner (during the listener's greet_delay)",
+        ),
+        Symbol(
             name="RDNS_NONE",
             weight=2.0,
             meaning="the client's address has no reverse DNS name",

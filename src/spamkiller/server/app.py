@@ -72,6 +72,7 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
             tls=listener.tls,
             require_tls=listener.require_tls,
             server_tls=server_tls,
+            greet_delay=listener.greet_delay,
             proxy_protocol=listener.proxy_protocol,
             trusted_proxies=tuple(
                 ipaddress.ip_network(n, strict=False) for n in listener.trusted_proxies

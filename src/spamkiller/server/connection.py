@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from spamkiller import proxyproto
-from spamkiller.checks.base import CheckContext, Stage
-from spamkiller.checks.pipeline import NOTHING, Pipeline
+from spamkiller.checks.base import CheckContext, Finding, Stage
+from spamkiller.checks.pipeline import NOTHING, Pipeline, StageResult
 from spamkiller.checks.policy import Thresholds, Verdict, decide
 from spamkiller.checks.relay import check_recipient
 from spamkiller.errors import UpstreamUnavailable
@@ -78,6 +78,7 @@ class ListenerPolicy:
     tls: str  # starttls | implicit | none
     require_tls: bool
     server_tls: ServerTls | None  # None only when tls is "none"
+    greet_delay: float = 0.0
     proxy_protocol: bool = False
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
@@ -354,8 +355,7 @@ class InboundConnection(asyncio.Protocol):
                 self._write(session.greeting(CLIENT_CERT_REFUSED))
                 self._close_reason = "client certificate refused"
                 return
-            if rt.pipeline.has(Stage.CONNECT):
-                self._connect_result = await rt.pipeline.run(Stage.CONNECT, self.ctx)
+            await self._before_banner(session)
             self._write(session.greeting())
             await self._dialogue(session)
         except Exception as exc:  # a bug must end this session, not the server
@@ -366,6 +366,27 @@ class InboundConnection(asyncio.Protocol):
                 )
         finally:
             await self._finish(time.monotonic() - began)
+
+    async def _before_banner(self, session: ServerSession) -> None:
+        """Connect-stage checks, run during the listener's greet delay if it has one; a client
+        that talks before the banner is scored PREGREET (postscreen's pregreet test)."""
+        rt = self.rt
+        assert self.ctx is not None
+        checks = (
+            rt.pipeline.run(Stage.CONNECT, self.ctx) if rt.pipeline.has(Stage.CONNECT) else None
+        )
+        delay = self.policy.greet_delay
+        if not delay:
+            if checks is not None:
+                self._connect_result = await checks
+            return
+        task = asyncio.get_running_loop().create_task(checks) if checks is not None else None
+        await asyncio.sleep(delay)
+        result = await task if task is not None else NOTHING
+        if session.buffered:  # everything the client sent so far came before our banner
+            pregreet = Finding(symbol="PREGREET", detail=f"{session.buffered} octets")
+            result = StageResult(findings=(*result.findings, pregreet), tempfail=result.tempfail)
+        self._connect_result = result
 
     async def _proxy_header(self) -> bool:
         """Read the PROXY header a trusted proxy sends first; then admit the real client."""
