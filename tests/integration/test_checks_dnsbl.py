@@ -11,7 +11,7 @@ import pytest
 from conftest import Certs, mx_config
 from support.dns_server import DnsServer
 from support.mx import Mx
-from support.net import RawClient, free_port
+from support.proxy import proxied_envelope, proxied_listener
 from support.upstream import RecordingUpstream
 
 
@@ -29,16 +29,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
 
 
 def config(tmp_path: Path, certs: Certs, dns: DnsServer, port: int, **dnsbl: Any) -> dict[str, Any]:
-    listeners = [
-        {
-            "name": "mx",
-            "address": "127.0.0.1",
-            "port": free_port(),
-            "tls": "starttls",
-            "proxy_protocol": True,
-            "trusted_proxies": ["127.0.0.1"],
-        }
-    ]
+    listeners = proxied_listener()
     checks = {
         "dnsbl": {
             "zones": [
@@ -61,14 +52,9 @@ def config(tmp_path: Path, certs: Certs, dns: DnsServer, port: int, **dnsbl: Any
 
 def transaction(port: int, client_ip: str) -> bytes:
     """Connect through the 'proxy' as `client_ip`; the reply to RCPT."""
-    with RawClient(port) as c:
-        c.send(f"PROXY TCP4 {client_ip} 192.0.2.25 40000 25\r\n".encode())
-        assert c.reply().startswith(b"220 ")
-        c.send(b"EHLO mail.sender.example\r\n")
-        c.reply()
-        c.send(b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<bob@example.com>\r\n")
-        assert c.code() == 250
-        return c.reply()
+    client, reply = proxied_envelope(port, client_ip)
+    client.close()
+    return reply
 
 
 def test_listed_client_is_rejected_at_rcpt(tmp_path: Path, certs: Certs, dns: DnsServer) -> None:

@@ -11,7 +11,7 @@ import pytest
 from conftest import Certs, mx_config
 from support.dns_server import DnsServer
 from support.mx import Mx
-from support.net import RawClient, free_port
+from support.proxy import proxied_envelope, proxied_listener
 from support.upstream import RecordingUpstream
 
 
@@ -28,16 +28,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
 
 
 def config(tmp_path: Path, certs: Certs, dns: DnsServer, port: int) -> dict[str, Any]:
-    listeners = [
-        {
-            "name": "mx",
-            "address": "127.0.0.1",
-            "port": free_port(),
-            "tls": "starttls",
-            "proxy_protocol": True,
-            "trusted_proxies": ["127.0.0.1"],
-        }
-    ]
+    listeners = proxied_listener()
     return mx_config(
         tmp_path,
         certs,
@@ -51,14 +42,8 @@ def config(tmp_path: Path, certs: Certs, dns: DnsServer, port: int) -> dict[str,
 
 def deliver(port: int, client_ip: str) -> bytes:
     """A transaction as `client_ip`; the reply to RCPT (or to the message, when accepted)."""
-    with RawClient(port) as c:
-        c.send(f"PROXY TCP4 {client_ip} 192.0.2.25 40000 25\r\n".encode())
-        assert c.reply().startswith(b"220 ")
-        c.send(b"EHLO mail.sender.test\r\n")
-        c.reply()
-        c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@example.com>\r\n")
-        assert c.code() == 250
-        reply = c.reply()
+    c, reply = proxied_envelope(port, client_ip, helo="mail.sender.test", sender="a@sender.test")
+    with c:
         if not reply.startswith(b"250"):
             return reply
         c.send(b"DATA\r\n")

@@ -5,24 +5,12 @@ from __future__ import annotations
 import contextlib
 import socket
 from pathlib import Path
-from typing import Any
 
 from conftest import Certs, mx_config
 from support.mx import Mx
 from support.net import RawClient, free_port
+from support.proxy import proxied_listener
 from support.upstream import RecordingUpstream
-
-
-def proxied_listener(**extra: Any) -> list[dict[str, Any]]:
-    base = {
-        "name": "mx",
-        "address": "127.0.0.1",
-        "port": free_port(),
-        "tls": "starttls",
-        "proxy_protocol": True,
-        "trusted_proxies": ["127.0.0.1/32"],
-    }
-    return [base | extra]
 
 
 def test_real_client_address_is_logged_and_put_in_received(tmp_path: Path, certs: Certs) -> None:
