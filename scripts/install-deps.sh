@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what Spam Killer's tests and benchmarks need on Debian 12:
-#   - Debian packages: redis-server, swaks, unbound, nmap, openssl, faketime, ca-certificates
+#   - Debian packages: redis-server, swaks (+ Perl TLS), unbound, nmap, openssl, faketime, ca-certificates
 #     (and python3-venv when the Python in use cannot make a venv). No daemon is left running:
 #     the tests start their own instances on their own ports.
 #   - postfix's smtp-sink and smtp-source, unpacked from the postfix .deb into
@@ -24,7 +24,9 @@ PYTHON="${PYTHON:-python3}"
 VENV="$REPO_ROOT/.venv"
 STAMP="$VENV/.install-deps.stamp"
 
-APT_PACKAGES=(redis-server swaks unbound nmap openssl faketime ca-certificates testssl.sh)
+# swaks only Recommends the Perl TLS modules; its STARTTLS tests need them.
+APT_PACKAGES=(redis-server swaks libnet-ssleay-perl libio-socket-ssl-perl unbound nmap openssl
+    faketime ca-certificates testssl.sh)
 # Packages whose daemon the tests start themselves; the system service must not stay running.
 SERVICE_PACKAGES=(redis-server unbound)
 POLICY_RC_D=/usr/sbin/policy-rc.d

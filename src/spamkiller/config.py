@@ -20,7 +20,8 @@ Rules this module keeps:
 - Settings that would silently do nothing are errors (``client_cert_pins`` on a listener that asks
   for no client certificate), because an admin who wrote them believes they are in force.
 - Loading touches no file but the config itself; ``check_files`` does the slower checks of the
-  files it names (what ``spam-killer check-config`` adds).
+  files it names (what ``spam-killer check-config`` adds), and ``known_recipients`` reads the
+  recipient address files for it and for the server.
 
 Imports pydantic, PyYAML and ``spamkiller.errors``/``spamkiller.units``; ``check_files`` imports
 ``spamkiller.tls`` when called, so the checks and the CLI can load a config without the TLS code.
@@ -55,7 +56,15 @@ from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
 
 from spamkiller.errors import ConfigError
-from spamkiller.units import format_duration, format_size, parse_duration, parse_size
+from spamkiller.units import (
+    Rate,
+    format_duration,
+    format_rate,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from spamkiller.tls.certs import LoadedPair
@@ -68,10 +77,12 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "LogConfig",
+    "RecipientsConfig",
     "TlsConfig",
     "UpstreamConfig",
     "check_files",
     "dump_effective",
+    "known_recipients",
     "load",
 ]
 
@@ -151,6 +162,15 @@ def _at_least(low: int, reason: str = "") -> Callable[[int], int]:
     return check
 
 
+def _at_most(limit: float) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if value > limit:
+            raise ValueError(f"must be at most {format_duration(limit)}")
+        return value
+
+    return check
+
+
 def _positive_seconds(value: float) -> float:
     if value <= 0:
         raise ValueError("must be longer than 0s")
@@ -190,6 +210,23 @@ Size = Annotated[
     WithJsonSchema(_SIZE_SCHEMA),
 ]
 """Bytes as an int; accepts 2048, "50MiB", "10MB", "512KiB", "100kB"."""
+
+
+def _rate(value: object) -> Rate | None:
+    if value is None or isinstance(value, Rate):
+        return value
+    if isinstance(value, str | int):
+        return parse_rate(value)
+    raise ValueError(f"expected a rate such as 100/1m or off, got {_kind(value)}")
+
+
+RateLimit = Annotated[
+    Rate | None,
+    BeforeValidator(_rate),
+    PlainSerializer(format_rate, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": "count/duration (100/1m, 20/h) or off"}),
+]
+"""At most N per duration, or None (``off``); written ``100/1m``."""
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Port = Annotated[Int, AfterValidator(_between(1, 65535))]
@@ -498,6 +535,82 @@ class DevUpstreamConfig(_Model):
     maildir: FilePath | None = Field(default=None, description="Default: data_dir/maildir.")
 
 
+def _local_part(value: str) -> str:
+    """A local part as listed in `recipients`: folded to lower case (matching ignores case)."""
+    if not value:
+        raise ValueError("must be a local part, got an empty string")
+    if "@" in value:
+        raise ValueError(f"{value!r} must not contain @ (list local parts under their domain)")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} must not contain spaces or control characters")
+    if len(value.encode("utf-8")) > 64:
+        raise ValueError(f"{value!r} is longer than 64 octets (RFC 5321 4.5.3.1.1)")
+    return value.lower()
+
+
+def _known_recipients(value: dict[str, list[str]]) -> dict[str, list[str]]:
+    # Keys and entries are checked here rather than by field types so that a problem names
+    # the domain as written (recipients.known.<domain>.<index>), and so that domains differing
+    # only in case are merged instead of one silently replacing the other.
+    problems: list[tuple[_Loc, str]] = []
+    known: dict[str, list[str]] = {}
+    for raw, parts in value.items():
+        try:
+            domain = _dns_name(raw)
+        except ValueError as error:
+            problems.append(((raw,), str(error)))
+            continue
+        listed = known.setdefault(domain, [])
+        for index, part in enumerate(parts):
+            try:
+                listed.append(_local_part(part))
+            except ValueError as error:
+                problems.append(((raw, index), str(error)))
+    if problems:
+        raise _ProblemsError(problems)
+    return {domain: _unique_names(parts) for domain, parts in known.items()}
+
+
+# Characters that may separate a sub-address tag: atext punctuation (RFC 5322 3.2.3) without
+# the routing characters the relay rule refuses anyway.
+_DELIMITERS = "+-_=#~$&'*/?^`{|}"
+
+
+def _delimiter(value: str) -> str:
+    bad = sorted({c for c in value if c not in _DELIMITERS})
+    if bad:
+        raise ValueError(
+            f"{''.join(bad)!r} cannot separate a sub-address; use characters from {_DELIMITERS}, "
+            'or "" for no sub-addressing'
+        )
+    return value
+
+
+class RecipientsConfig(_Model):
+    """Which recipients exist, checked at RCPT before the upstream is asked."""
+
+    known: Annotated[dict[str, list[str]], AfterValidator(_known_recipients)] = Field(
+        default_factory=dict,
+        description="Domain -> the local parts that exist there; any other local part of a "
+        "listed domain gets 550 5.1.1 without asking the upstream. A domain not listed is "
+        "verified by the upstream alone. Case-insensitive; postmaster always exists.",
+    )
+    files: list[FilePath] = Field(
+        default_factory=list,
+        description="Files of full addresses, one per line (# comments), merged into known; "
+        "read at start and on reload.",
+    )
+    delimiter: Annotated[str, AfterValidator(_delimiter)] = Field(
+        default="+",
+        description="Sub-address delimiter characters: alice+tag@ is alice@. Empty: none.",
+    )
+    max_unknown: Annotated[Int, AfterValidator(_at_least(0))] = Field(
+        default=5,
+        description="Unknown recipients (ours or the upstream's 5.1.x) one session may try; "
+        "the next one gets 421 4.7.0 and the session is closed (directory harvest). 0: no cap.",
+    )
+
+
 def _show_size(value: int) -> str:
     return format_size(value)
 
@@ -650,6 +763,142 @@ class PolicyConfig(_Model):
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
 
 
+# Clients that are this host, or inside the organisation: never limited or greylisted unless the
+# admin empties the list.
+_INTERNAL_NETWORKS = [
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+]
+
+IPv4Prefix = Annotated[Int, AfterValidator(_between(8, 32))]
+IPv6Prefix = Annotated[Int, AfterValidator(_between(16, 128))]
+
+
+class RateLimitsConfig(CheckConfig):
+    """Connection and message rates and concurrent sessions per client address and per network,
+    counted in the shared store (so every worker and every MX host on one Redis see one count)."""
+
+    timeout: Timeout = Field(default=1.0, description="Per store operation.")
+    exempt: list[Network] = Field(
+        default_factory=lambda: list(_INTERNAL_NETWORKS),
+        description="Clients never limited (this host, internal networks).",
+    )
+    ipv4_prefix: IPv4Prefix = Field(default=24, description="What 'network' means for IPv4.")
+    ipv6_prefix: IPv6Prefix = Field(default=64, description="What 'network' means for IPv6.")
+    connections_per_ip: RateLimit = Field(
+        default=Rate(100, 60.0), description="New connections; above it: 421 4.7.0 at connect."
+    )
+    connections_per_network: RateLimit = Rate(1000, 60.0)
+    messages_per_ip: RateLimit = Field(
+        default=Rate(1000, 3600.0), description="MAIL commands; above it: 451 4.7.1 at MAIL."
+    )
+    messages_per_network: RateLimit = Rate(10_000, 3600.0)
+    concurrent_per_ip: Annotated[Int, AfterValidator(_at_least(0))] = Field(
+        default=20, description="Sessions open at once, across workers and hosts; 0: no cap."
+    )
+    concurrent_per_network: Annotated[Int, AfterValidator(_at_least(0))] = 200
+    slot_ttl: Timeout = Field(
+        default=3600.0,
+        description="A session's concurrency slot expires after this even if never given back "
+        "(a crashed worker); a longer session stops counting then.",
+    )
+
+
+class GreylistConfig(CheckConfig):
+    """Greylisting at RCPT: a first attempt from an unknown sender is told to come back later."""
+
+    timeout: Timeout = Field(default=1.0, description="Per store operation.")
+    delay: Duration = Field(
+        default=300.0, description="A retry earlier than this is tempfailed again."
+    )
+    retry_window: Timeout = Field(
+        default=2 * 86400.0, description="The first retry must come within this."
+    )
+    expire: Timeout = Field(
+        default=35 * 86400.0,
+        description="A sender that passed is remembered this long after its last message.",
+    )
+    min_score: float = Field(
+        default=0.0,
+        description="Sessions scoring below this (on a DNS allow list, say) are not greylisted.",
+    )
+    auto_pass_accepted: Annotated[Int, AfterValidator(_at_least(0))] = Field(
+        default=5,
+        description="Skip greylisting for a client network after this many of its messages "
+        "were accepted by the upstream; 0: never.",
+    )
+    auto_pass_tls_sessions: Annotated[Int, AfterValidator(_at_least(0))] = Field(
+        default=0,
+        description="Skip greylisting for a TLS client that used TLS in at least this many "
+        "sessions and never came without it; 0: never.",
+    )
+    exempt: list[Network] = Field(
+        default_factory=lambda: list(_INTERNAL_NETWORKS),
+        description="Clients never greylisted.",
+    )
+    ipv4_prefix: IPv4Prefix = 24
+    ipv6_prefix: IPv6Prefix = 64
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        problems: list[tuple[_Loc, str]] = []
+        if self.delay >= self.retry_window:
+            problems.append(
+                (
+                    ("delay",),
+                    f"must be shorter than retry_window ({format_duration(self.retry_window)})",
+                )
+            )
+        if self.retry_window > self.expire:
+            problems.append(
+                (
+                    ("retry_window",),
+                    f"must not be longer than expire ({format_duration(self.expire)})",
+                )
+            )
+        if problems:
+            raise _ProblemsError(problems)
+        return self
+
+
+class PassCacheConfig(_Model):
+    """Clients whose connect-stage checks found nothing skip them (and the greet delay) for a
+    while, like postscreen's cache."""
+
+    enabled: bool = True
+    ttl: Timeout = 3600.0
+
+
+class TarpitConfig(_Model):
+    """Slow down clients that score badly: each reply after the score reaches min_score waits."""
+
+    enabled: bool = False
+    min_score: float = 5.0
+    delay: Annotated[Timeout, AfterValidator(_at_most(60.0))] = 3.0
+
+
+def _state_url(value: str | None, info: ValidationInfo) -> str | None:
+    if value is None:
+        return None
+    if value.startswith("sqlite:///"):
+        path = value.removeprefix("sqlite:///")
+        if not path.strip():
+            raise ValueError(
+                "sqlite:/// needs a path: sqlite:///state.db or sqlite:////abs/state.db"
+            )
+        return f"sqlite:///{_resolve(Path(path), info)}"
+    if value.startswith(("redis://", "rediss://")):
+        rest = value.split("://", 1)[1]
+        if not rest.split("/", 1)[0].rsplit("@", 1)[-1]:
+            raise ValueError("redis URL needs a host: redis://host:6379/0")
+        return value
+    raise ValueError("must start with sqlite:///, redis:// or rediss://")
+
+
 def _default_listeners() -> list[ListenerConfig]:
     return [ListenerConfig(name="mx", address="127.0.0.1", port=2525, tls="starttls")]
 
@@ -665,14 +914,20 @@ class Config(_Model):
         default_factory=lambda: ["localhost"],
         description="Recipient domains we accept; everything else: 550 5.7.1.",
     )
+    recipients: RecipientsConfig = Field(default_factory=RecipientsConfig)
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     dev_upstream: DevUpstreamConfig = Field(default_factory=DevUpstreamConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    state: str = Field(
-        default="sqlite:///spam-killer-data/state.db",
-        description="sqlite:///path for one host, redis:// or rediss:// for several.",
+    state: Annotated[str | None, AfterValidator(_state_url)] = Field(
+        default=None,
+        description="sqlite:///path for one host, redis:// or rediss:// for several; "
+        "default: sqlite in data_dir/state.db. A relative sqlite path is relative to this file.",
+    )
+    state_timeout: Timeout = Field(
+        default=1.0,
+        description="How long one store operation may wait (Redis socket, SQLite lock).",
     )
     data_dir: FilePath = Field(
         default=Path("spam-killer-data"),
@@ -689,6 +944,15 @@ class Config(_Model):
     dns: DnsConfig = Field(default_factory=DnsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    greylist: GreylistConfig = Field(default_factory=GreylistConfig)
+    pass_cache: PassCacheConfig = Field(default_factory=PassCacheConfig)
+    tarpit: TarpitConfig = Field(default_factory=TarpitConfig)
+
+    @property
+    def state_url(self) -> str:
+        """The store URL in force: `state`, or SQLite in data_dir."""
+        return self.state or f"sqlite:///{self.data_dir / 'state.db'}"
 
     @property
     def dev_maildir(self) -> Path:
@@ -700,10 +964,11 @@ class Config(_Model):
         problems: list[tuple[_Loc, str]] = []
         if not self.domains:
             problems.append((("domains",), "at least one domain is needed"))
+        for domain in self.recipients.known:
+            if domain not in self.domains:
+                problems.append((("recipients", "known", domain), "is not one of domains"))
         if not self.listeners:
             problems.append((("listeners",), "at least one listener is needed"))
-        if not self.state.startswith(("sqlite:///", "redis://", "rediss://")):
-            problems.append((("state",), "must start with sqlite:///, redis:// or rediss://"))
 
         names: dict[str, int] = {}
         for index, listener in enumerate(self.listeners):
@@ -807,19 +1072,26 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(_problem_lines(error)) from None
 
 
-def _read_yaml(file: Path) -> object:
+def _read_text(file: Path) -> tuple[str, str | None]:
+    """The file's UTF-8 text, or ("", "<file>: why it cannot be read")."""
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8"), None
     except FileNotFoundError:
-        raise ConfigError([f"{file}: no such file"]) from None
+        return "", f"{file}: no such file"
     except IsADirectoryError:
-        raise ConfigError([f"{file}: is a directory, not a file"]) from None
+        return "", f"{file}: is a directory, not a file"
     except PermissionError:
-        raise ConfigError([f"{file}: not readable (permission denied)"]) from None
+        return "", f"{file}: not readable (permission denied)"
     except UnicodeDecodeError as error:
-        raise ConfigError([f"{file}: not UTF-8 text (byte {error.start})"]) from None
+        return "", f"{file}: not UTF-8 text (byte {error.start})"
     except OSError as error:
-        raise ConfigError([f"{file}: cannot read: {error.strerror or error}"]) from None
+        return "", f"{file}: cannot read: {error.strerror or error}"
+
+
+def _read_yaml(file: Path) -> object:
+    text, problem = _read_text(file)
+    if problem is not None:
+        raise ConfigError([problem])
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.MarkedYAMLError as error:
@@ -871,6 +1143,50 @@ def dump_effective(config: Config) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+_MAX_LINE_PROBLEMS = 5  # per file: a wrong file (a binary, a CSV) must not flood the output
+
+
+def known_recipients(config: Config) -> tuple[dict[str, frozenset[str]], list[str]]:
+    """`recipients.known` merged with `recipients.files`: the table, and problem lines.
+
+    Reads the files (``load`` does not), so both ``check_files`` and the server at start and on
+    reload judge the same contents. A file that cannot be read, a line that is no address, or an
+    address outside ``domains`` is a ``recipients.files.<index>: ...`` problem.
+    """
+    known = {domain: set(parts) for domain, parts in config.recipients.known.items()}
+    problems: list[str] = []
+    for index, path in enumerate(config.recipients.files):
+        key = f"recipients.files.{index}"
+        text, problem = _read_text(path)
+        if problem is not None:
+            problems.append(f"{key}: {problem}")
+            continue
+        bad: list[str] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            # "#" is legal inside a local part, so a comment starts a line or follows a blank.
+            entry = re.split(r"\s#", line, maxsplit=1)[0].strip()
+            if not entry or entry.startswith("#"):
+                continue
+            local, at, domain = entry.rpartition("@")
+            try:
+                if not at:
+                    raise ValueError(f"{entry!r} is not an address (local@domain)")
+                local = _local_part(local)
+                domain = _dns_name(domain)
+            except ValueError as error:
+                bad.append(f"{key}: {path} line {number}: {error}")
+                continue
+            if domain not in config.domains:
+                bad.append(f"{key}: {path} line {number}: {domain} is not one of domains")
+                continue
+            known.setdefault(domain, set()).add(local)
+        if len(bad) > _MAX_LINE_PROBLEMS:
+            more = len(bad) - _MAX_LINE_PROBLEMS
+            bad[_MAX_LINE_PROBLEMS:] = [f"{key}: {path}: {more} more bad line(s)"]
+        problems.extend(bad)
+    return {domain: frozenset(parts) for domain, parts in known.items()}, problems
+
+
 def _walk_files(config: Config) -> Iterator[tuple[str, Path]]:
     """Every CA file the configuration names, with its key path."""
     for index, listener in enumerate(config.listeners):
@@ -884,7 +1200,8 @@ def check_files(config: Config) -> list[str]:
     """Check the files the configuration names, without starting anything; return problem lines.
 
     Certificates and keys must load, match and be valid now, and be servable together by every
-    TLS listener; CA files must hold at least one certificate; the upstream client pair must match.
+    TLS listener; CA files must hold at least one certificate; the upstream client pair must match;
+    recipient address files must be readable and hold addresses of our domains.
     """
     from spamkiller.errors import TlsConfigError
     from spamkiller.tls.certs import check_ca_file, inspect_pair, load_pairs
@@ -920,6 +1237,7 @@ def check_files(config: Config) -> list[str]:
                 listener_tls(config, index, loaded)
             except TlsConfigError as error:
                 problems.extend(error.problems)
+    problems.extend(known_recipients(config)[1])
     return list(dict.fromkeys(problems))
 
 

@@ -10,6 +10,8 @@ Rules this module keeps:
   and ``KB`` are both 1000 bytes.
 - Negative values, NaN, infinity and booleans are refused with a ValueError that says what is
   accepted: the caller (config validation) turns it into a ``key.path: reason`` line.
+- Rates are a whole count per duration, ``100/1m`` or ``100/m`` (one of the unit): at most 100
+  per one-minute window. ``0`` or ``off`` is no limit (None).
 - ``format_duration`` and ``format_size`` pick the largest unit that represents the value exactly,
   so ``parse(format(x)) == x`` for every value the parsers return.
 
@@ -20,9 +22,18 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 
-__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
+__all__ = [
+    "Rate",
+    "format_duration",
+    "format_rate",
+    "format_size",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+]
 
 # Largest unit first: format_* walks these in order and takes the first exact fit.
 _DURATION_UNITS: tuple[tuple[str, float], ...] = (
@@ -142,3 +153,45 @@ def format_size(size: int) -> str:
         if size >= factor and size % factor == 0:
             return f"{size // factor}{unit}"
     return f"{size}B"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `count` events per `window` seconds."""
+
+    count: int
+    window: float
+
+
+_RATE_HELP = "a count per duration such as 100/1m, 20/h or 5000/1d, or off"
+
+
+def parse_rate(value: str | int) -> Rate | None:
+    """Parse ``N/DURATION`` (``100/1m``, ``20/h``); ``off`` or ``0`` mean no limit (None)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {_RATE_HELP}, got a boolean")
+    if value == 0 or (isinstance(value, str) and value.strip().lower() in {"0", "off"}):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected {_RATE_HELP}, got {value!r}")
+    count_text, slash, window_text = value.partition("/")
+    count_text, window_text = count_text.strip(), window_text.strip()
+    if not slash or not count_text.isdigit() or not window_text:
+        raise ValueError(f"expected {_RATE_HELP}, got {value!r}")
+    if window_text.isalpha():  # "20/h": one of the unit
+        window_text = "1" + window_text
+    try:
+        window = parse_duration(window_text)
+    except ValueError as error:
+        raise ValueError(f"{value!r}: {error}") from None
+    count = int(count_text)
+    if count < 1 or window <= 0:
+        raise ValueError(f"{value!r}: the count and the duration must be above zero, or say off")
+    return Rate(count, window)
+
+
+def format_rate(rate: Rate | None) -> str:
+    """The inverse of parse_rate: Rate(100, 60.0) -> "100/1m", None -> "off"."""
+    if rate is None:
+        return "off"
+    return f"{rate.count}/{format_duration(rate.window)}"

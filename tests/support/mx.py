@@ -16,7 +16,7 @@ import yaml
 
 from spamkiller.config import Config, load
 from spamkiller.observability.logging import EventLog
-from spamkiller.server.app import Worker, build_runtime
+from spamkiller.server.app import Worker
 
 
 class LogLines:
@@ -70,8 +70,10 @@ class Mx:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
-            runtime = build_runtime(self.config, EventLog(self.log), create_cert=True)  # type: ignore[arg-type]
-            self.worker = Worker(self.path, self.config, runtime, reuse_port=False, dev=True)
+            log = EventLog(self.log)  # type: ignore[arg-type]
+            self.worker = Worker(
+                self.path, self.config, log, reuse_port=False, dev=True, create_cert=True
+            )
             loop.run_until_complete(self.worker.start(signals=False))
         except BaseException as exc:
             self._error = exc

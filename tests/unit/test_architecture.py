@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "smtp": {"errors"},
     "tls": {"errors"},
     "config": {"errors", "units", "tls", "checks"},  # checks.symbols only, a leaf table
-    "checks": {"smtp", "tls", "config", "errors", "dns", "store"},  # dns/store: protocols only
+    "checks": {"smtp", "tls", "config", "errors", "dns", "store", "units"},  # dns/store: protocols
     "dns": {"errors", "config"},
     "store": {"errors", "config"},
     "relay": {"smtp", "tls", "errors", "config", "timers"},
@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
         "observability",
         "proxyproto",
         "dns",
+        "store",
     },
     "cli": {"server", "config", "errors", "observability"},
     "__init__": set(),

@@ -139,7 +139,8 @@ def test_defaults_without_a_file() -> None:
     assert config.limits.data_timeout == 180.0
     assert config.tls.min_version == "TLSv1.2"
     assert config.tls.handshake_timeout == 30.0
-    assert config.state == "sqlite:///spam-killer-data/state.db"
+    assert config.state is None
+    assert config.state_url == "sqlite:///spam-killer-data/state.db"
     assert config.workers == 1
     assert config.shutdown_timeout == 30.0
     assert config.log.format == "text"
@@ -475,6 +476,42 @@ RULES: list[tuple[str, str]] = [
     ("shutdown_timeout: -1s\n", "shutdown_timeout: "),
     ("log: {format: xml}\n", "log.format: must be 'text' or 'json', got 'xml'"),
     ("data_dir: ''\n", "data_dir: must be a path, got an empty string"),
+    # recipients
+    (
+        "recipients: {known: {example.com: [alice]}}\n",
+        "recipients.known.example.com: is not one of domains",
+    ),
+    (
+        "domains: [example.com]\nrecipients: {known: {example.com: [alice, 'a@b']}}\n",
+        "recipients.known.example.com.1: 'a@b' must not contain @ ",
+    ),
+    (
+        "domains: [example.com]\nrecipients: {known: {example.com: ['al ice']}}\n",
+        "recipients.known.example.com.0: 'al ice' must not contain spaces or control characters",
+    ),
+    (
+        "domains: [example.com]\nrecipients: {known: {example.com: ['']}}\n",
+        "recipients.known.example.com.0: must be a local part, got an empty string",
+    ),
+    (
+        "domains: [example.com]\nrecipients: {known: {example.com: ['" + "a" * 65 + "']}}\n",
+        "recipients.known.example.com.0: ",
+    ),
+    (
+        "domains: [example.com]\nrecipients: {known: {example.com: [alice, 42]}}\n",
+        "recipients.known.example.com.1: must be a valid string, got 42",
+    ),
+    (
+        "domains: [example.com]\nrecipients: {known: {example.com: alice}}\n",
+        "recipients.known.example.com: must be a list, got str",
+    ),
+    ("recipients: {known: {'bad name.example': [a]}}\n", "recipients.known.bad name.example: "),
+    ("recipients: {delimiter: '@'}\n", "recipients.delimiter: '@' cannot separate "),
+    ("recipients: {delimiter: '+.'}\n", "recipients.delimiter: '.' cannot separate "),
+    ("recipients: {max_unknown: -1}\n", "recipients.max_unknown: must be at least 0"),
+    ("recipients: {max_unknown: true}\n", "recipients.max_unknown: "),
+    ("recipients: {files: ['']}\n", "recipients.files.0: must be a path, got an empty string"),
+    ("recipients: {typo: 1}\n", "recipients.typo: unknown key"),
 ]
 
 
@@ -679,3 +716,80 @@ def test_check_files_finds_two_certificates_of_one_type_for_a_name(
     text = "tls: {certificates: [{cert: a.pem, key: a.key}, {cert: b.pem, key: b.key}]}\n"
     [problem] = cfg.check_files(cfg.load(write(tmp_path, text)))
     assert problem.startswith(f"tls.certificates.1.cert: {tmp_path / 'b.pem'} is a second ECDSA ")
+
+
+# ---------------------------------------------------------------------------------------------
+# recipients
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipients_defaults_check_nobody() -> None:
+    recipients = cfg.load(None).recipients
+    assert recipients.known == {} and recipients.files == []
+    assert recipients.delimiter == "+" and recipients.max_unknown == 5
+
+
+def test_recipients_are_normalised_and_merged(tmp_path: Path) -> None:
+    text = """
+    domains: [example.com, example.org]
+    recipients:
+      known:
+        Example.COM: [Alice, bob, alice]
+        example.com.: [Carol]
+        example.org: []
+      delimiter: ""
+      max_unknown: 0
+    """
+    recipients = cfg.load(write(tmp_path, text)).recipients
+    # Domains differing only in case (or a trailing dot) are one domain: lists merge.
+    assert recipients.known == {"example.com": ["alice", "bob", "carol"], "example.org": []}
+    assert recipients.delimiter == "" and recipients.max_unknown == 0
+
+
+def test_recipient_files_merge_into_known(tmp_path: Path) -> None:
+    (tmp_path / "users.txt").write_text(
+        "# staff\n\nDave@Example.com\n  erin@example.org   # trailing comment\nx#y@example.com\n"
+    )
+    text = """
+    domains: [example.com, example.org]
+    recipients:
+      known: {example.com: [alice]}
+      files: [users.txt]
+    """
+    config = cfg.load(write(tmp_path, text))
+    assert config.recipients.files == [tmp_path / "users.txt"]  # relative to the config file
+    known, problems = cfg.known_recipients(config)
+    assert problems == []
+    assert known == {
+        "example.com": frozenset({"alice", "dave", "x#y"}),
+        "example.org": frozenset({"erin"}),
+    }
+    assert cfg.check_files(config) == []
+
+
+def test_recipient_file_problems_name_the_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_text(
+        "alice@example.com\nno-at-sign\nbob@elsewhere.example\nal ice@example.com\n"
+    )
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "many.txt").write_text("x\n" * 8)
+    text = """
+    domains: [example.com]
+    recipients: {files: [missing.txt, bad.txt, binary.txt, many.txt]}
+    """
+    config = cfg.load(write(tmp_path, text))  # loading reads none of them
+    bad, binary, many = tmp_path / "bad.txt", tmp_path / "binary.txt", tmp_path / "many.txt"
+    expected = [
+        f"recipients.files.0: {tmp_path / 'missing.txt'}: no such file",
+        f"recipients.files.1: {bad} line 2: 'no-at-sign' is not an address (local@domain)",
+        f"recipients.files.1: {bad} line 3: elsewhere.example is not one of domains",
+        f"recipients.files.1: {bad} line 4: 'al ice' must not contain spaces or control characters",
+        f"recipients.files.2: {binary}: not UTF-8 text (byte 0)",
+        *(
+            f"recipients.files.3: {many} line {n}: 'x' is not an address (local@domain)"
+            for n in range(1, 6)
+        ),
+        f"recipients.files.3: {many}: 3 more bad line(s)",
+    ]
+    assert cfg.known_recipients(config)[1] == expected
+    assert cfg.check_files(config) == expected

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
+from spamkiller.store.base import TlsHistory
 from spamkiller.tls.facts import TlsFacts
 
 
@@ -46,6 +47,8 @@ class CheckContext:
     our_domains: frozenset[str]
     tls: TlsFacts
     client_name: str | None = None  # forward-confirmed reverse name (FCrDNS), when known
+    authenticated_domain: str | None = None  # the MAIL FROM domain SPF passed, when known
+    tls_history: TlsHistory | None = None  # this client's, this session counted (at first MAIL)
     helo: str | None = None
     mail_from: str | None = None  # "" for the null sender
     recipients: list[str] = field(default_factory=list)

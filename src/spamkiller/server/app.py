@@ -21,14 +21,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from spamkiller.checks.base import Check
 from spamkiller.checks.dnsbl import DnsblCheck, Zone
 from spamkiller.checks.fcrdns import FcrdnsCheck
+from spamkiller.checks.greylist import Greylister, GreylistSettings
 from spamkiller.checks.helo import HeloCheck
 from spamkiller.checks.pipeline import CheckSettings, Pipeline
 from spamkiller.checks.policy import Thresholds
-from spamkiller.config import Config, listener_tls, load
+from spamkiller.checks.ratelimit import RateLimiter, RateSettings
+from spamkiller.checks.recipients import RecipientDirectory
+from spamkiller.config import Config, known_recipients, listener_tls, load
 from spamkiller.dns.resolver import Resolver
 from spamkiller.errors import ConfigError
 from spamkiller.observability.logging import EventLog
@@ -36,6 +40,7 @@ from spamkiller.relay.upstream import Upstream, UpstreamTarget
 from spamkiller.server.connection import Gate, InboundConnection, ListenerPolicy, Runtime
 from spamkiller.server.devupstream import DevUpstream
 from spamkiller.smtp.limits import Limits
+from spamkiller.store import Store, StoreError, open_store
 from spamkiller.tls.certs import LoadedPair, load_pairs, make_self_signed
 from spamkiller.tls.contexts import client_context
 
@@ -57,8 +62,11 @@ def certificate_pairs(config: Config, *, create: bool) -> list[tuple[Path, Path]
     return [(cert, key)]
 
 
-def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -> Runtime:
-    """Everything sessions need; ConfigError if a certificate, key or CA file is unusable."""
+def build_runtime(
+    config: Config, log: EventLog, *, create_cert: bool = False, store: Store | None = None
+) -> Runtime:
+    """Everything sessions need; ConfigError if a certificate, key, CA or recipient file is
+    unusable."""
     pairs: list[LoadedPair] = []
     files = certificate_pairs(config, create=create_cert)
     if files:
@@ -107,6 +115,9 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
         data_timeout=up.data_timeout,
         helo=config.hostname,
     )
+    known, problems = known_recipients(config)
+    if problems:
+        raise ConfigError(problems)
     return Runtime(
         hostname=config.hostname,
         domains=frozenset(config.domains),
@@ -123,7 +134,95 @@ def build_runtime(config: Config, log: EventLog, *, create_cert: bool = False) -
         thresholds=Thresholds(
             tag=config.policy.thresholds.tag, reject=config.policy.thresholds.reject
         ),
+        **_stateful(config, store),
+        recipients=RecipientDirectory(
+            known,
+            delimiter=config.recipients.delimiter,
+            max_unknown=config.recipients.max_unknown,
+        ),
     )
+
+
+def needs_store(config: Config) -> bool:
+    return config.rate_limits.enabled or config.greylist.enabled or config.pass_cache.enabled
+
+
+def _networks(values: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in values)
+
+
+def _stateful(config: Config, store: Store | None) -> dict[str, Any]:
+    """The Runtime fields that need the store (all off without one) and the tarpit."""
+    fields: dict[str, Any] = {}
+    tarpit = config.tarpit
+    if tarpit.enabled:
+        fields.update(tarpit_score=tarpit.min_score, tarpit_delay=tarpit.delay)
+    if store is None:
+        return fields
+    fields.update(store=store, store_timeout=config.state_timeout)
+    rl = config.rate_limits
+    if rl.enabled:
+        fields["rate_limiter"] = RateLimiter(
+            store,
+            RateSettings(
+                timeout=rl.timeout,
+                on_error=rl.on_error,
+                exempt=_networks(rl.exempt),
+                ipv4_prefix=rl.ipv4_prefix,
+                ipv6_prefix=rl.ipv6_prefix,
+                connections_per_ip=rl.connections_per_ip,
+                connections_per_network=rl.connections_per_network,
+                messages_per_ip=rl.messages_per_ip,
+                messages_per_network=rl.messages_per_network,
+                concurrent_per_ip=rl.concurrent_per_ip,
+                concurrent_per_network=rl.concurrent_per_network,
+                slot_ttl=rl.slot_ttl,
+            ),
+        )
+    grey = config.greylist
+    if grey.enabled:
+        fields["greylister"] = Greylister(
+            store,
+            GreylistSettings(
+                delay=grey.delay,
+                retry_window=grey.retry_window,
+                expire=grey.expire,
+                min_score=grey.min_score,
+                auto_pass_accepted=grey.auto_pass_accepted,
+                auto_pass_tls_sessions=grey.auto_pass_tls_sessions,
+                exempt=_networks(grey.exempt),
+                ipv4_prefix=grey.ipv4_prefix,
+                ipv6_prefix=grey.ipv6_prefix,
+                timeout=grey.timeout,
+                on_error=grey.on_error,
+            ),
+        )
+        # The TLS history feeds the greylist's TLS auto-pass; kept as long as greylist records.
+        fields["tls_history_expire"] = grey.expire
+    if config.pass_cache.enabled:
+        fields["pass_cache_ttl"] = config.pass_cache.ttl
+    return fields
+
+
+async def open_state(config: Config) -> Store:
+    """The worker's store; ConfigError naming `state` when SQLite cannot be opened."""
+    url = config.state_url
+    try:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return await open_store(url, timeout=config.state_timeout)
+    except (StoreError, OSError, ValueError) as exc:
+        raise ConfigError([f"state: cannot open {_safe_url(url)}: {exc}"]) from None
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest.split("/", 1)[0]:
+        creds, _, host = rest.partition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else f"{scheme}{sep}{user}@{host}"
+    return url
 
 
 def build_pipeline(config: Config) -> Pipeline:
@@ -174,15 +273,18 @@ class Worker:
         self,
         config_path: Path | None,
         config: Config,
-        runtime: Runtime,
+        log: EventLog,
         *,
         reuse_port: bool,
         dev: bool,
+        create_cert: bool = False,
     ) -> None:
         self.config_path = config_path
         self.config = config
-        self.runtime = runtime
-        self.log = runtime.log
+        self.log = log
+        self._create_cert = create_cert
+        self.store: Store | None = None  # opened in start(): in the process that uses it
+        self.runtime: Runtime  # built in start(), once the store is open
         self.reuse_port = reuse_port
         self.run_dev_upstream = dev and config.dev_upstream.enabled
         self.gate = Gate(
@@ -198,6 +300,30 @@ class Worker:
     def _current(self) -> Runtime:
         return self.runtime
 
+    async def _open(self) -> None:
+        """Open the store (after the fork) and build the first runtime; ConfigError if either
+        cannot be done."""
+        if needs_store(self.config):
+            self.store = await open_state(self.config)
+            self.log.line("-", "store", {"state": _safe_url(self.config.state_url)})
+        try:
+            self.runtime = build_runtime(
+                self.config, self.log, create_cert=self._create_cert, store=self.store
+            )
+        except ConfigError:
+            await self._close_store()
+            raise
+
+    async def _close_store(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.gate.background:  # sessions' last store writes (slots, history)
+            await asyncio.gather(*self.gate.background, return_exceptions=True)
+        if self.store is not None:
+            store, self.store = self.store, None
+            with contextlib.suppress(StoreError):
+                await store.close()
+
     def _factory(self, name: str) -> Callable[[], InboundConnection]:
         def make() -> InboundConnection:
             return InboundConnection(name, self._current, self.gate)
@@ -205,8 +331,10 @@ class Worker:
         return make
 
     async def start(self, *, signals: bool = True) -> None:
-        """Bind every listener (and the dev upstream); `signals=False` for an embedded worker."""
+        """Open the store, bind every listener (and the dev upstream); `signals=False` for an
+        embedded worker. ConfigError if the state or a file is unusable."""
         loop = asyncio.get_running_loop()
+        await self._open()
         if self.run_dev_upstream:
             dev = self.config.dev_upstream
             self._dev = DevUpstream(self.config.dev_maildir)
@@ -249,7 +377,9 @@ class Worker:
         """SIGHUP: re-read config and certificates; a bad new config is refused, the old kept."""
         try:
             config = load(self.config_path)
-            runtime = build_runtime(config, self.log)
+            runtime = build_runtime(config, self.log, store=self.store)
+            if needs_store(config) and self.store is None:
+                raise ConfigError(["state: a store is needed now; restart to open it"])
         except ConfigError as exc:
             self.log.line("-", "reload", {"status": "refused", "problems": "; ".join(exc.problems)})
             return
@@ -257,6 +387,8 @@ class Worker:
             self.log.line(
                 "-", "reload", {"note": "listener address changes take effect after a restart"}
             )
+        if config.state_url != self.config.state_url:
+            self.log.line("-", "reload", {"note": "a new state URL takes effect after a restart"})
         self.config = config
         old, self.runtime = self.runtime, runtime
         task = asyncio.get_running_loop().create_task(old.upstream.close_idle())
@@ -297,7 +429,13 @@ class Worker:
         await asyncio.sleep(0)
         if self._dev is not None:
             await self._dev.stop()
+        await self._close_store()
         self.log.line("-", "stopped", {})
+
+
+async def _probe_state(config: Config) -> None:
+    store = await open_state(config)
+    await store.close()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -317,13 +455,16 @@ def _serve(
     parent: int | None = None,
 ) -> int:
     log = EventLog(fmt=config.log.format)
-    runtime = build_runtime(config, log)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(config_path, config, runtime, reuse_port=reuse_port, dev=dev)
+    worker = Worker(config_path, config, log, reuse_port=reuse_port, dev=dev)
     try:
         loop.run_until_complete(worker.start())
         loop.run_until_complete(worker.serve_until_stopped(parent=parent))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"spam-killer: cannot listen: {exc}", file=sys.stderr)
         return 1
@@ -338,8 +479,11 @@ def run(config_path: Path | None) -> int:
     """`spam-killer run`: exit 0 on a clean stop, 1 on bad config or a port that cannot be bound."""
     try:
         config = load(config_path)
-        # Validate (and on first run create the self-signed certificate) before forking.
+        # Validate (and on first run create the self-signed certificate and the SQLite file)
+        # before forking, so a problem is one clear message and not one per worker.
         build_runtime(config, EventLog(fmt=config.log.format), create_cert=True)
+        if needs_store(config) and config.state_url.startswith("sqlite:///"):
+            asyncio.run(_probe_state(config))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -16,14 +16,23 @@ import ipaddress
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from spamkiller import proxyproto
-from spamkiller.checks.base import CheckContext, Finding, Stage
+from spamkiller.checks.base import CheckContext, Finding, Stage, worth_looking_up
+from spamkiller.checks.greylist import Greylister, GreylistSession, tls_key
 from spamkiller.checks.pipeline import NOTHING, Pipeline, StageResult
-from spamkiller.checks.policy import Thresholds, Verdict, decide
+from spamkiller.checks.policy import Action, Thresholds, Verdict, decide
+from spamkiller.checks.ratelimit import RateLimiter, guarded
+from spamkiller.checks.recipients import (
+    TOO_MANY_UNKNOWN,
+    Lookup,
+    RecipientDirectory,
+    means_unknown_user,
+    user_unknown,
+)
 from spamkiller.checks.relay import check_recipient
 from spamkiller.errors import UpstreamUnavailable
 from spamkiller.observability.logging import EventLog
@@ -50,6 +59,7 @@ from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
 from spamkiller.smtp.server import ServerSession
 from spamkiller.smtp.states import State
+from spamkiller.store.base import SlotLease, Store
 from spamkiller.timers import Wakeup
 from spamkiller.tls.contexts import ServerTls
 from spamkiller.tls.facts import TlsFacts, TlsStart
@@ -107,6 +117,15 @@ class Runtime:
     pipeline: Pipeline = field(default_factory=Pipeline)
     weights: dict[str, float] = field(default_factory=dict)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    recipients: RecipientDirectory = field(default_factory=RecipientDirectory)
+    store: Store | None = None  # the worker's; None when nothing needs one
+    store_timeout: float = 1.0  # per operation of the session's own (pass cache, TLS history)
+    rate_limiter: RateLimiter | None = None
+    greylister: Greylister | None = None
+    pass_cache_ttl: float = 0.0  # 0: off
+    tls_history_expire: float = 0.0  # 0: TLS history not recorded
+    tarpit_score: float | None = None  # None: no tarpit
+    tarpit_delay: float = 0.0
 
 
 @dataclass(slots=True)
@@ -121,6 +140,14 @@ class Gate:
     per_ip: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     sessions: set[InboundConnection] = field(default_factory=set)
+    store_errors: int = 0  # store failures seen by this worker (each is also logged)
+    background: set[asyncio.Task[None]] = field(default_factory=set)  # fire-and-forget writes
+
+    def spawn(self, coroutine: Coroutine[object, object, None]) -> None:
+        """Run a store write without holding up the reply; the task is kept until it ends."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def admit(self, ip: str) -> Reply | None:
         if self.draining:
@@ -191,6 +218,12 @@ class InboundConnection(asyncio.Protocol):
         self._message_bytes0 = 0  # _bytes_in at that moment
         self._early = bytearray()  # bytes that arrived before the session existed
         self._eof = False
+        self._unknown_rcpts = 0  # this session's, against recipients.max_unknown
+        self._leases: tuple[SlotLease, ...] = ()  # concurrency slots held in the store
+        self._grey: GreylistSession | None = None
+        self._tls_recorded = False
+        self._pass_cache = ""  # hit | stored, for the disconnect line
+        self._tarpit = 0.0  # seconds each reply waits once the score reached tarpit_score
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -316,6 +349,8 @@ class InboundConnection(asyncio.Protocol):
         try:
             if policy.proxy_protocol and not await self._proxy_header():
                 return
+            if not await self._within_limits():
+                return
             if policy.tls == "implicit" and not await self._handshake(TlsStart.IMPLICIT):
                 return
             starttls = policy.tls == "starttls" and policy.server_tls is not None
@@ -356,6 +391,8 @@ class InboundConnection(asyncio.Protocol):
                 self._close_reason = "client certificate refused"
                 return
             await self._before_banner(session)
+            if self._tarpit:
+                await asyncio.sleep(self._tarpit)
             self._write(session.greeting())
             await self._dialogue(session)
         except Exception as exc:  # a bug must end this session, not the server
@@ -372,6 +409,10 @@ class InboundConnection(asyncio.Protocol):
         that talks before the banner is scored PREGREET (postscreen's pregreet test)."""
         rt = self.rt
         assert self.ctx is not None
+        cacheable = bool(rt.pass_cache_ttl and rt.store) and worth_looking_up(self.client_ip)
+        if cacheable and await self._in_pass_cache():
+            self._pass_cache = "hit"
+            return  # passed these checks (and the greet delay) recently: skip them
         checks = (
             rt.pipeline.run(Stage.CONNECT, self.ctx) if rt.pipeline.has(Stage.CONNECT) else None
         )
@@ -379,14 +420,91 @@ class InboundConnection(asyncio.Protocol):
         if not delay:
             if checks is not None:
                 self._connect_result = await checks
-            return
-        task = asyncio.get_running_loop().create_task(checks) if checks is not None else None
-        await asyncio.sleep(delay)
-        result = await task if task is not None else NOTHING
-        if session.buffered:  # everything the client sent so far came before our banner
-            pregreet = Finding(symbol="PREGREET", detail=f"{session.buffered} octets")
-            result = StageResult(findings=(*result.findings, pregreet), tempfail=result.tempfail)
-        self._connect_result = result
+        else:
+            task = asyncio.get_running_loop().create_task(checks) if checks is not None else None
+            await asyncio.sleep(delay)
+            result = await task if task is not None else NOTHING
+            if session.buffered:  # everything the client sent so far came before our banner
+                pregreet = Finding(symbol="PREGREET", detail=f"{session.buffered} octets")
+                result = StageResult(
+                    findings=(*result.findings, pregreet), tempfail=result.tempfail
+                )
+            self._connect_result = result
+        if checks is None and not delay:
+            return  # nothing was checked, so there is nothing to remember
+        verdict = decide(
+            self._connect_result.findings, weights=rt.weights, thresholds=rt.thresholds
+        )
+        self._note_score(verdict.score)
+        clean = self._connect_result.tempfail is None and all(
+            f.symbol not in ("CHECK_ERROR", "CHECK_TIMEOUT") for f in self._connect_result.findings
+        )
+        if cacheable and clean and verdict.score <= 0:
+            self._pass_cache = "stored"
+            self.gate.spawn(self._remember_pass())
+
+    def _pass_key(self) -> str:
+        return f"pass:{self.client_ip}"
+
+    async def _in_pass_cache(self) -> bool:
+        store = self.rt.store
+        assert store is not None
+        found, error = await guarded(store.pass_cache_get(self._pass_key()), self.rt.store_timeout)
+        if error is not None:
+            self._store_failed("pass_cache", error)  # a miss: the checks run as usual
+        return bool(found)
+
+    async def _remember_pass(self) -> None:
+        store = self.rt.store
+        assert store is not None
+        _, error = await guarded(
+            store.pass_cache_put(self._pass_key(), ttl=self.rt.pass_cache_ttl),
+            self.rt.store_timeout,
+        )
+        if error is not None:
+            self._store_failed("pass_cache", error)
+
+    def _note_score(self, score: float) -> None:
+        """Tarpit: once the score reaches tarpit_score, every later reply waits."""
+        rt = self.rt
+        if rt.tarpit_score is not None and score >= rt.tarpit_score:
+            self._tarpit = rt.tarpit_delay
+
+    async def _within_limits(self) -> bool:
+        """The shared connection rates and concurrency caps (store-backed, across workers and
+        hosts); a client over one gets 421 before anything else happens."""
+        limiter = self.rt.rate_limiter
+        if limiter is None or not limiter.applies(self.client_ip):
+            return True
+        outcome = await limiter.admit(self.client_ip)
+        if outcome.error is not None:
+            self._store_failed("rate_limits", outcome.error)
+        self._leases = outcome.leases
+        if outcome.reply is None:
+            return True
+        if self.policy.tls != "implicit":  # an implicit-TLS client cannot read a plaintext 421
+            self._write(outcome.reply.with_id(self.sid).wire)
+        self._close_reason = f"refused: {outcome.limit or outcome.error}"
+        self.rt.log.line(
+            self.sid,
+            "refused",
+            {
+                "client": f"[{self.client_ip}]",
+                "reason": outcome.reply.text,
+                "limit": outcome.limit,
+                "error": outcome.error,
+            },
+        )
+        return False
+
+    def _store_failed(self, what: str, error: str) -> None:
+        gate = self.gate
+        gate.store_errors += 1
+        self.rt.log.line(
+            self.sid,
+            "store",
+            {"status": "error", "for": what, "reason": error, "errors": gate.store_errors},
+        )
 
     async def _proxy_header(self) -> bool:
         """Read the PROXY header a trusted proxy sends first; then admit the real client."""
@@ -441,6 +559,8 @@ class InboundConnection(asyncio.Protocol):
                 self._close_reason = "shutdown"
                 return
             reply = await self._decide(event)
+            if self._tarpit and not isinstance(event, Quit):
+                await asyncio.sleep(self._tarpit)
             self._write(session.send(reply))
             if self._held and not session.message_bytes_held:
                 self._release_memory()  # the message is answered: its text is no longer ours
@@ -468,8 +588,12 @@ class InboundConnection(asyncio.Protocol):
                 params.append("SMTPUTF8")
             if event.params.size is not None:
                 params.append(f"SIZE={event.params.size}")
+            refusal = await self._mail_limits()
+            if refusal is not None:
+                return refusal
             self.txn = _Transaction(event.sender, " ".join(params))
             self._mail_result = NOTHING
+            self._grey = None  # auto-pass is judged per transaction (the sender may differ)
             if self.ctx is not None:
                 self.ctx.mail_from = self.txn.sender
                 self.ctx.recipients = []
@@ -508,6 +632,49 @@ class InboundConnection(asyncio.Protocol):
             self._close_reason = event.reason
         return event.reply
 
+    async def _mail_limits(self) -> Reply | None:
+        """At MAIL: the shared message rates; the session's TLS use goes into its history."""
+        rt = self.rt
+        ip = self.client_ip
+        limiter = rt.rate_limiter
+        if rt.tls_history_expire and not self._tls_recorded and worth_looking_up(ip):
+            # Once per session that tries to send mail; a scanner that never does is not history.
+            self._tls_recorded = True
+            await self._record_tls()
+        if limiter is None or not limiter.applies(ip):
+            return None
+        outcome = await limiter.message(ip)
+        if outcome.error is not None:
+            self._store_failed("rate_limits", outcome.error)
+        if outcome.reply is not None:
+            rt.log.line(
+                self.sid,
+                "defer",
+                {
+                    "stage": "mail",
+                    "client": f"[{ip}]",
+                    "limit": outcome.limit,
+                    "error": outcome.error,
+                    "reply": str(outcome.reply),
+                },
+            )
+        return outcome.reply
+
+    async def _record_tls(self) -> None:
+        store = self.rt.store
+        assert store is not None
+        version = self.tls.version if self.tls.active else None
+        history, error = await guarded(
+            store.record_tls(
+                tls_key(self.client_ip), version=version, expire=self.rt.tls_history_expire
+            ),
+            self.rt.store_timeout,
+        )
+        if error is not None:
+            self._store_failed("tls_history", error)
+        if self.ctx is not None:
+            self.ctx.tls_history = history
+
     async def _rcpt(self, event: RcptTo) -> Reply:
         refusal = check_recipient(event.recipient, self.rt.domains)
         if refusal is not None:
@@ -515,6 +682,8 @@ class InboundConnection(asyncio.Protocol):
         txn = self.txn
         assert txn is not None  # the session only emits RCPT after an accepted MAIL
         recipient = str(event.recipient)
+        if self.rt.recipients.lookup(event.recipient) is Lookup.UNKNOWN:
+            return self._unknown_rcpt(recipient, user_unknown(recipient), "not in recipients list")
         verdict = await self._judge_rcpt(recipient)
         if verdict.reply is not None:
             return verdict.reply
@@ -532,9 +701,33 @@ class InboundConnection(asyncio.Protocol):
             self._upstream_failed(UpstreamUnavailable(f"upstream closing: {reply}"))
             return UPSTREAM_UNAVAILABLE
         if not reply.is_positive:
+            if means_unknown_user(reply):
+                return self._unknown_rcpt(recipient, reply, "unknown at upstream")
             return reply  # the upstream's refusal becomes ours, at RCPT time
         txn.recipients.append(recipient)
         return event.reply
+
+    def _unknown_rcpt(self, recipient: str, reply: Reply, reason: str) -> Reply:
+        """Count and log an unknown recipient; past recipients.max_unknown the session ends
+        (421, then closed by the session), so a harvester cannot walk through a directory."""
+        self._unknown_rcpts += 1
+        if self.rt.recipients.over_cap(self._unknown_rcpts):
+            reply = TOO_MANY_UNKNOWN
+            reason = f"{reason}; too many unknown recipients ({self._unknown_rcpts})"
+            self._close_reason = "too many unknown recipients"
+        txn = self.txn
+        self.rt.log.line(
+            self.sid,
+            "reject" if reply.is_permanent else "defer",
+            {
+                "stage": "rcpt",
+                "from": f"<{txn.sender}>" if txn else None,
+                "to": f"<{recipient}>",
+                "reason": reason,
+                "reply": str(reply),
+            },
+        )
+        return reply
 
     async def _judge_rcpt(self, recipient: str) -> Verdict:
         """Everything found so far, plus this recipient's checks, scored; logged if refused."""
@@ -552,6 +745,22 @@ class InboundConnection(asyncio.Protocol):
             thresholds=rt.thresholds,
             tempfail=tempfail,
         )
+        self._note_score(verdict.score)
+        reason = tempfail
+        if verdict.reply is None and rt.greylister is not None and ctx is not None:
+            if self._grey is None:
+                self._grey = rt.greylister.session(ctx)
+            grey = await self._grey.check(recipient, verdict.score)
+            if grey.error is not None:
+                self._store_failed("greylist", grey.error)
+            if grey.reply is not None:
+                reason = f"greylist {grey.status}" + (f": {grey.error}" if grey.error else "")
+                verdict = Verdict(
+                    action=Action.TEMPFAIL,
+                    score=verdict.score,
+                    rules=verdict.rules,
+                    reply=grey.reply,
+                )
         self._verdict = verdict
         if verdict.reply is not None:
             txn = self.txn
@@ -564,7 +773,7 @@ class InboundConnection(asyncio.Protocol):
                     "to": f"<{recipient}>",
                     "score": verdict.score,
                     "rules": verdict.rules or None,
-                    "reason": tempfail,
+                    "reason": reason,
                     "reply": str(verdict.reply),
                 },
             )
@@ -615,6 +824,8 @@ class InboundConnection(asyncio.Protocol):
             return UPSTREAM_UNAVAILABLE
         if reply.code == 250:
             queue_id = parse_queue_id(reply)
+            if self.rt.greylister is not None and self.ctx is not None:
+                self.gate.spawn(self._record_accepted(self.rt.greylister, self.ctx))
             self._log_message(
                 status="sent", reply=reply, size=event.data.size, upstream_id=queue_id
             )
@@ -628,6 +839,11 @@ class InboundConnection(asyncio.Protocol):
             return UPSTREAM_UNAVAILABLE
         # Never 250 unless the upstream said 250; a 2xx other than 250 is not "accepted".
         return reply if reply.code >= 400 else UPSTREAM_UNAVAILABLE
+
+    async def _record_accepted(self, greylister: Greylister, ctx: CheckContext) -> None:
+        error = await greylister.record_accepted(ctx)
+        if error is not None:
+            self._store_failed("reputation", error)
 
     # ---- upstream --------------------------------------------------------------------------
 
@@ -707,6 +923,8 @@ class InboundConnection(asyncio.Protocol):
             ssl_object, began=began, sni=server_tls.sni_of(ssl_object)
         )
         self._peer_allowed = server_tls.peer_allowed(ssl_object)
+        if self.ctx is not None:  # STARTTLS: later checks must see the session as it is now
+            self.ctx.tls = self.tls
         rt.log.line(
             self.sid,
             "tls",
@@ -753,6 +971,9 @@ class InboundConnection(asyncio.Protocol):
         if self._admitted:
             self.gate.release(self.client_ip)
             self.gate.sessions.discard(self)
+        if self._leases and self.rt.rate_limiter is not None:
+            leases, self._leases = self._leases, ()
+            self.gate.spawn(self._release_slots(self.rt.rate_limiter, leases))
         session = self.session
         fields: dict[str, object] = {
             "client": f"[{self.client_ip}]:{self.client_port}",
@@ -765,9 +986,16 @@ class InboundConnection(asyncio.Protocol):
                 fields[verb] = str(ok) if ok == total else f"{ok}/{total}"
             if session.discarded_after_starttls:
                 fields["discarded_after_starttls"] = session.discarded_after_starttls
+        fields["pass_cache"] = self._pass_cache or None
+        fields["tarpit"] = f"{self._tarpit:g}s" if self._tarpit else None
         fields["reason"] = self._close_reason or None
         fields["duration"] = f"{duration:.3f}"
         self.rt.log.line(self.sid, "disconnect", fields)
+
+    async def _release_slots(self, limiter: RateLimiter, leases: tuple[SlotLease, ...]) -> None:
+        error = await limiter.release(leases)
+        if error is not None:
+            self._store_failed("rate_limits", error)
 
     def abort(self) -> None:
         """Shutdown deadline passed: tell the client and drop the connection."""
