@@ -279,9 +279,18 @@ def _group_has_members(pgid: int) -> bool:
 
 
 def wait_smtp_ready(
-    host: str, port: int, proc: ManagedProcess | None = None, timeout: float = READY_TIMEOUT
+    host: str,
+    port: int,
+    proc: ManagedProcess | None = None,
+    timeout: float = READY_TIMEOUT,
+    *,
+    send_first: bytes = b"",
 ) -> float:
-    """Connect until the listener greets with 220; returns the seconds it took."""
+    """Connect until the listener greets with 220; returns the seconds it took.
+
+    `send_first` is written right after connecting, before the banner is awaited: a listener
+    with `proxy_protocol: true` only greets once it has read a PROXY header.
+    """
     start = time.monotonic()
     deadline = start + timeout
     last_error = "no answer"
@@ -290,6 +299,8 @@ def wait_smtp_ready(
             proc.check_alive()
         try:
             with socket.create_connection((host, port), timeout=2.0) as sock:
+                if send_first:
+                    sock.sendall(send_first)
                 banner = sock.recv(512)
                 if banner.startswith(b"220"):
                     with contextlib.suppress(OSError):
