@@ -32,11 +32,13 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from urllib.parse import parse_qsl, unquote
 
 import yaml
 from pydantic import (
@@ -213,8 +215,8 @@ Size = Annotated[
 
 
 def _rate(value: object) -> Rate | None:
-    if value is None or isinstance(value, Rate):
-        return value
+    if value is None or value is False or isinstance(value, Rate):
+        return None if value is False else value  # YAML reads a bare `off` as false
     if isinstance(value, str | int):
         return parse_rate(value)
     raise ValueError(f"expected a rate such as 100/1m or off, got {_kind(value)}")
@@ -882,6 +884,11 @@ class TarpitConfig(_Model):
 
 
 def _state_url(value: str | None, info: ValidationInfo) -> str | None:
+    """The store URL, checked for shape here so that check-config finds a typo.
+
+    spamkiller.store.redis.parse_ha_url is the full parser of the Sentinel and Cluster forms
+    (this module may not import the store); tests/unit/test_store_urls.py keeps the two in step.
+    """
     if value is None:
         return None
     if value.startswith("sqlite:///"):
@@ -891,12 +898,83 @@ def _state_url(value: str | None, info: ValidationInfo) -> str | None:
                 "sqlite:/// needs a path: sqlite:///state.db or sqlite:////abs/state.db"
             )
         return f"sqlite:///{_resolve(Path(path), info)}"
-    if value.startswith(("redis://", "rediss://")):
-        rest = value.split("://", 1)[1]
-        if not rest.split("/", 1)[0].rsplit("@", 1)[-1]:
+    scheme, _, rest = value.partition("://")
+    # The last "@" ends user:password, whatever the password holds; messages never show it.
+    userinfo, _, after = rest.rpartition("@")
+    location, _, fragment = after.partition("#")
+    location, _, query = location.partition("?")
+    hosts, _, path = location.partition("/")
+    if scheme.startswith("redis") and any(char in userinfo for char in "@/?#"):
+        # Split at the first of them, the URL would show part of the password in the log.
+        raise ValueError(
+            f"{scheme} URL: percent-encode @ / ? # in the user name and password (%40 %2F %3F %23)"
+        )
+    if scheme in ("redis", "rediss"):
+        if not hosts:
             raise ValueError("redis URL needs a host: redis://host:6379/0")
+        if "," in hosts:
+            raise ValueError(
+                f"{scheme}:// takes one host; for several use {scheme}-sentinel:// (Sentinel)"
+                f" or {scheme}-cluster:// (Cluster)"
+            )
         return value
-    raise ValueError("must start with sqlite:///, redis:// or rediss://")
+    if scheme not in ("redis-sentinel", "rediss-sentinel", "redis-cluster", "rediss-cluster"):
+        raise ValueError(
+            "must start with sqlite:///, redis://, rediss://, redis-sentinel://,"
+            " rediss-sentinel://, redis-cluster:// or rediss-cluster://"
+        )
+    sentinel = scheme.endswith("-sentinel")
+    example = f"{scheme}://host1:{26379 if sentinel else 6379},host2:..." + (
+        "/mymaster" if sentinel else ""
+    )
+    if fragment:
+        raise ValueError(f"{scheme} URL: no #fragment allowed")
+    if not hosts:
+        raise ValueError(f"{scheme} URL needs at least one host: {example}")
+    for node in hosts.split(","):
+        port: str | None
+        if node.startswith("["):
+            bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", node)
+            host, port = (bracketed[1], bracketed[2]) if bracketed else ("", None)
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(
+                    f"{scheme} URL: {node!r} is not a bracketed IPv6 address"
+                ) from None
+        else:
+            host, colon, port = node.partition(":")
+            if ":" in port:
+                raise ValueError(f"{scheme} URL: an IPv6 address goes in brackets: [2001:db8::1]")
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+                raise ValueError(f"{scheme} URL: bad host {host!r} in {hosts!r}: {example}")
+            port = port if colon else None
+        if port is not None and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+            raise ValueError(f"{scheme} URL: bad port in {node!r}: must be 1 to 65535")
+    trimmed = path.removesuffix("/")
+    segments = trimmed.split("/") if trimmed else []
+    if sentinel:
+        if not segments:
+            raise ValueError(f"{scheme} URL needs the Sentinel service name: {example}")
+        service = unquote(segments[0])
+        if not service.isprintable() or " " in service:
+            raise ValueError(f"{scheme} URL: the service name must be printable, without spaces")
+        if len(segments) > 2 or (
+            len(segments) == 2 and not re.fullmatch(r"[0-9]{1,5}", segments[1])
+        ):
+            raise ValueError(f"{scheme} URL: the path is /<service name>[/<db number>]")
+    elif segments not in ([], ["0"]):
+        raise ValueError(f"{scheme} URL: Redis Cluster has no databases: leave out the /db")
+    # No secrets in options: the URL is logged with its query string.
+    known = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name == "sentinel_auth" and sentinel:
+            continue
+        if name not in known:
+            raise ValueError(f"{scheme} URL: unknown option {name!r}")
+        if not scheme.startswith("rediss"):
+            raise ValueError(f"{scheme} URL: {name} needs TLS (rediss-...)")
+    return value
 
 
 def _default_listeners() -> list[ListenerConfig]:
@@ -922,8 +1000,11 @@ class Config(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     state: Annotated[str | None, AfterValidator(_state_url)] = Field(
         default=None,
-        description="sqlite:///path for one host, redis:// or rediss:// for several; "
-        "default: sqlite in data_dir/state.db. A relative sqlite path is relative to this file.",
+        description="sqlite:///path for one host; for several, redis://host:6379/0 (one Redis), "
+        "redis-sentinel://host:26379,host:26379/service (Sentinel) or "
+        "redis-cluster://host:6379,host:6379 (Cluster), rediss...: over TLS "
+        "(docs/store.md); default: sqlite in data_dir/state.db. A relative sqlite path is "
+        "relative to this file.",
     )
     state_timeout: Timeout = Field(
         default=1.0,
@@ -1238,7 +1319,31 @@ def check_files(config: Config) -> list[str]:
             except TlsConfigError as error:
                 problems.extend(error.problems)
     problems.extend(known_recipients(config)[1])
+    problems.extend(_state_problems(config))
     return list(dict.fromkeys(problems))
+
+
+def _state_problems(config: Config) -> list[str]:
+    """An SQLite state file must be creatable or writable (Redis is not contacted here: an MX
+    whose Redis is down still starts, and each feature applies its on_error)."""
+    url = config.state_url
+    if not url.startswith("sqlite:///"):
+        return []
+    path = Path(url.removeprefix("sqlite:///"))
+    if path.exists():
+        if not path.is_file():
+            return [f"state: {path} is not a file"]
+        if not os.access(path, os.R_OK | os.W_OK):
+            return [f"state: {path} is not readable and writable by this user"]
+        return []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the directories up to here will be made at start
+    if not parent.is_dir():
+        return [f"state: cannot create {path}: {parent} is not a directory"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"state: cannot create {path}: {parent} is not writable by this user"]
+    return []
 
 
 def listener_tls(config: Config, index: int, pairs: Sequence[LoadedPair]) -> ServerTls:

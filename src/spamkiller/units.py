@@ -176,7 +176,8 @@ def parse_rate(value: str | int) -> Rate | None:
         raise ValueError(f"expected {_RATE_HELP}, got {value!r}")
     count_text, slash, window_text = value.partition("/")
     count_text, window_text = count_text.strip(), window_text.strip()
-    if not slash or not count_text.isdigit() or not window_text:
+    # isascii(): str.isdigit() also says yes to superscript and non-Latin digits.
+    if not slash or not (count_text.isascii() and count_text.isdigit()) or not window_text:
         raise ValueError(f"expected {_RATE_HELP}, got {value!r}")
     if window_text.isalpha():  # "20/h": one of the unit
         window_text = "1" + window_text

@@ -74,6 +74,11 @@ def test_check_config_accepts_a_good_file(tmp_path: Path, certs: Certs) -> None:
             },
             "/nonexistent/c.pem",
         ),
+        ({"state": "sqlite:////dev/null/sk/state.db"}, "state: "),
+        ({"state": "postgres://db/sk"}, "state: must start with sqlite:///"),
+        ({"greylist": {"delay": "3d"}}, "greylist.delay: must be shorter than retry_window"),
+        ({"rate_limits": {"connections_per_ip": "lots"}}, "rate_limits.connections_per_ip: "),
+        ({"tarpit": {"delay": "2m"}}, "tarpit.delay: must be at most 1m"),
     ],
 )
 def test_check_config_names_the_key_and_exits_1(

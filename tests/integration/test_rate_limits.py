@@ -152,3 +152,19 @@ def test_an_unreachable_store_follows_on_error(tmp_path: Path, certs: Certs) -> 
             c, banner = connect(mx.port(), "10.0.0.1")
             assert banner.startswith(b"220 ")
             c.close()
+
+
+def test_an_ipv4_mapped_address_is_the_same_client(tmp_path: Path, certs: Certs) -> None:
+    """A dual-stack proxy may announce ::ffff:198.51.100.44; it is 198.51.100.44 for every
+    count, check and log line."""
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, config(tmp_path, certs, up.port, connections_per_ip="1/1m")) as mx,
+    ):
+        c, banner = connect(mx.port(), "198.51.100.44")
+        assert banner.startswith(b"220 ")
+        c.close()
+        with RawClient(mx.port()) as c6:
+            c6.send(b"PROXY TCP6 ::ffff:198.51.100.44 2001:db8::25 40000 25\r\n")
+            assert c6.reply().startswith(b"421 4.7.0 Too many connections from your address")
+        assert mx.log.wait_for("refused", "client=[198.51.100.44]")

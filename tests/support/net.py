@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default): a port
+# from bind(0) is an ephemeral one, and any outgoing connection made between choosing it and
+# listening on it (an upstream, a Redis client) could take it. None can take one from here.
+_LISTEN_PORTS = range(20000, 32000)
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, outside the ephemeral range."""
+    for _ in range(200):
+        port = random.choice(_LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -27,7 +27,8 @@ from spamkiller.store.base import Store
 
 ACCEPTED = "accepted"
 
-_BATV = re.compile(r"^(?:prvs|msprvs\d?|btv1)=[^=]+=(.+)$")
+# prvs=TAG=local (the BATV draft), msprvs1=TAG=local, btv1==TAG==local (Barracuda).
+_BATV = re.compile(r"^(?:(?:prvs|msprvs\d?)=[^=]+=|btv1==[^=]+==)(.+)$")
 _SRS = re.compile(r"^srs0[=+\-][^=]*=[^=]*=([^=]+)=(.+)$")
 _DIGITS = re.compile(r"\d+")
 
@@ -115,14 +116,20 @@ class GreylistSession:
     def __init__(self, greylister: Greylister, ctx: CheckContext) -> None:
         self.greylister = greylister
         self.ctx = ctx
-        self._skip: str | None = None  # why this session is not greylisted, once known
+        # The client does not change during a session: exempt is decided once.
+        self._exempt = in_any(ctx.client_ip, greylister.settings.exempt)
+        self._skip: str | None = None  # why this transaction is not greylisted, once known
         self._skip_known = False
+
+    def new_transaction(self) -> None:
+        """Auto-pass is judged per transaction: the sender, and so its record, may differ."""
+        self._skip, self._skip_known = None, False
 
     async def check(self, recipient: str, score: float) -> GreyOutcome:
         g = self.greylister
         s = g.settings
         ctx = self.ctx
-        if in_any(ctx.client_ip, s.exempt):
+        if self._exempt:
             return GreyOutcome(status="skip:exempt")
         if ctx.tls.peer_cert_sha256 is not None:  # a verified client certificate (mTLS)
             return GreyOutcome(status="skip:client-certificate")
@@ -154,7 +161,7 @@ class GreylistSession:
         )
 
     async def _auto_pass(self) -> tuple[str | None, str | None]:
-        """(why this session skips greylisting or None, store error); asked once per session."""
+        """(why this transaction skips greylisting or None, store error); asked once."""
         if self._skip_known:
             return self._skip, None
         g = self.greylister

@@ -30,16 +30,25 @@ STORE_TROUBLE_AT_CONNECT = Reply(421, "4.3.0", "Temporary system problem, try ag
 STORE_TROUBLE = Reply(451, "4.3.0", "Temporary system problem, try again later")
 
 
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, an IPv4-mapped IPv6 one (::ffff:192.0.2.1, from a dual-stack socket or a
+    PROXY TCP6 header) as the IPv4 address it is."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def network_of(ip: str, *, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The client's network in CIDR form: 192.0.2.0/24, 2001:db8:1:2::/64."""
-    address = ipaddress.ip_address(ip)
+    address = _address(ip)
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def in_any(ip: str, networks: Sequence[Network]) -> bool:
     try:
-        address = ipaddress.ip_address(ip)
+        address = _address(ip)
     except ValueError:
         return False
     return any(address in network for network in networks)
@@ -176,25 +185,18 @@ class RateLimiter:
         *,
         at_connect: bool,
     ) -> Outcome | None:
-        active = [(key, rate, scope) for key, rate, scope in limits if rate is not None]
-        if not active:
-            return None
-        results, error = await guarded(
-            asyncio.gather(
-                *(
-                    self.store.hit_rate(
-                        f"{key}:{rate.window:g}", window=rate.window, limit=rate.count
-                    )
-                    for key, rate, _ in active
-                    if rate is not None
-                )
-            ),
-            self.settings.timeout,
-        )
-        if error is not None or results is None:
-            return self._trouble(error or "store gave no answer", at_connect=at_connect)
-        for (_, rate, scope), result in zip(active, results, strict=True):
-            if not result.allowed and rate is not None:
+        # One after the other, address first: a hit refused by the address's limit must not
+        # use up the allowance of its whole network (one busy host would lock out its /24).
+        for key, rate, scope in limits:
+            if rate is None:
+                continue
+            result, error = await guarded(
+                self.store.hit_rate(f"{key}:{rate.window:g}", window=rate.window, limit=rate.count),
+                self.settings.timeout,
+            )
+            if error is not None or result is None:
+                return self._trouble(error or "store gave no answer", at_connect=at_connect)
+            if not result.allowed:
                 wait = max(1, math.ceil(result.reset_after))
                 text = f"Too many {what} from your {scope}, try again in {wait} seconds"
                 name = f"{what}_per_{'ip' if scope == 'address' else 'network'}"

@@ -75,6 +75,19 @@ MEMORY_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later"
 MEMORY_EXHAUSTED = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
 
 
+def canonical_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address (::ffff:192.0.2.1, from a dual-stack listener or a PROXY TCP6
+    header) as the IPv4 address it is, so caps, checks, keys and logs see one form."""
+    if ip.startswith("::ffff:") or ip.startswith("::FFFF:"):
+        try:
+            mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        except ValueError:
+            return ip
+        if mapped is not None:
+            return str(mapped)
+    return ip
+
+
 def new_session_id() -> str:
     """A short id for logs and replies: 10 hex digits (40 random bits), like a queue id."""
     return secrets.token_hex(5).upper()
@@ -221,6 +234,8 @@ class InboundConnection(asyncio.Protocol):
         self._unknown_rcpts = 0  # this session's, against recipients.max_unknown
         self._leases: tuple[SlotLease, ...] = ()  # concurrency slots held in the store
         self._grey: GreylistSession | None = None
+        self._limited = False  # rate_limits apply to this client (decided once, at connect)
+        self._public: bool | None = None  # worth_looking_up(client_ip), once known
         self._tls_recorded = False
         self._pass_cache = ""  # hit | stored, for the disconnect line
         self._tarpit = 0.0  # seconds each reply waits once the score reached tarpit_score
@@ -230,7 +245,7 @@ class InboundConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername") or ("?", 0)
-        self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        self.client_ip, self.client_port = canonical_ip(str(peer[0])), int(peer[1])
         if self.policy.proxy_protocol:
             # Admission waits for the PROXY header: caps count the real client, not the proxy.
             if not self.policy.trusts(self.client_ip):
@@ -409,7 +424,7 @@ class InboundConnection(asyncio.Protocol):
         that talks before the banner is scored PREGREET (postscreen's pregreet test)."""
         rt = self.rt
         assert self.ctx is not None
-        cacheable = bool(rt.pass_cache_ttl and rt.store) and worth_looking_up(self.client_ip)
+        cacheable = bool(rt.pass_cache_ttl and rt.store) and self._is_public()
         if cacheable and await self._in_pass_cache():
             self._pass_cache = "hit"
             return  # passed these checks (and the greet delay) recently: skip them
@@ -443,6 +458,11 @@ class InboundConnection(asyncio.Protocol):
             self._pass_cache = "stored"
             self.gate.spawn(self._remember_pass())
 
+    def _is_public(self) -> bool:
+        if self._public is None:
+            self._public = worth_looking_up(self.client_ip)
+        return self._public
+
     def _pass_key(self) -> str:
         return f"pass:{self.client_ip}"
 
@@ -474,7 +494,8 @@ class InboundConnection(asyncio.Protocol):
         """The shared connection rates and concurrency caps (store-backed, across workers and
         hosts); a client over one gets 421 before anything else happens."""
         limiter = self.rt.rate_limiter
-        if limiter is None or not limiter.applies(self.client_ip):
+        self._limited = limiter is not None and limiter.applies(self.client_ip)
+        if limiter is None or not self._limited:
             return True
         outcome = await limiter.admit(self.client_ip)
         if outcome.error is not None:
@@ -525,7 +546,7 @@ class InboundConnection(asyncio.Protocol):
         del self._early[: header.length]
         self._awaiting_proxy = False
         if header.source_ip is not None and header.source_port is not None:
-            self.client_ip, self.client_port = header.source_ip, header.source_port
+            self.client_ip, self.client_port = canonical_ip(header.source_ip), header.source_port
         refusal = self.gate.admit(self.client_ip)
         if refusal is not None:
             self._write(refusal.with_id(self.sid).wire)
@@ -593,7 +614,8 @@ class InboundConnection(asyncio.Protocol):
                 return refusal
             self.txn = _Transaction(event.sender, " ".join(params))
             self._mail_result = NOTHING
-            self._grey = None  # auto-pass is judged per transaction (the sender may differ)
+            if self._grey is not None:
+                self._grey.new_transaction()
             if self.ctx is not None:
                 self.ctx.mail_from = self.txn.sender
                 self.ctx.recipients = []
@@ -637,11 +659,11 @@ class InboundConnection(asyncio.Protocol):
         rt = self.rt
         ip = self.client_ip
         limiter = rt.rate_limiter
-        if rt.tls_history_expire and not self._tls_recorded and worth_looking_up(ip):
+        if rt.tls_history_expire and not self._tls_recorded and self._is_public():
             # Once per session that tries to send mail; a scanner that never does is not history.
             self._tls_recorded = True
             await self._record_tls()
-        if limiter is None or not limiter.applies(ip):
+        if limiter is None or not self._limited:
             return None
         outcome = await limiter.message(ip)
         if outcome.error is not None:

@@ -14,6 +14,14 @@ URLs (the `state` setting):
     sqlite:////absolute/path.db    four slashes: an absolute path
     redis://[user:password@]host:port/db
     rediss://...                   the same over TLS
+    redis-sentinel://[user:password@]host:26379,host:26379/service[/db]
+                                   the primary of a Sentinel service, following failovers
+    redis-cluster://[user:password@]host:6379,host:6379
+                                   a Redis Cluster (startup nodes; database 0 only)
+    rediss-sentinel://..., rediss-cluster://...
+                                   the same over TLS (every connection)
+
+The Sentinel and Cluster forms are described in spamkiller.store.redis.parse_ha_url.
 """
 
 from __future__ import annotations
@@ -27,6 +35,16 @@ from spamkiller.store.base import (
     Store,
     StoreError,
     TlsHistory,
+)
+
+# The URL prefixes RedisStore.from_url takes (kept here: checking one must not import redis).
+_REDIS_PREFIXES = (
+    "redis://",
+    "rediss://",
+    "redis-sentinel://",
+    "rediss-sentinel://",
+    "redis-cluster://",
+    "rediss-cluster://",
 )
 
 __all__ = [
@@ -68,12 +86,13 @@ async def open_store(
         from spamkiller.store.sqlite import SqliteStore
 
         return await SqliteStore.open(path, timeout=timeout)
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(_REDIS_PREFIXES):
         from spamkiller.store.redis import RedisStore
 
         return RedisStore.from_url(url, timeout=timeout, connect_timeout=connect_timeout)
     scheme = url.partition(":")[0] if ":" in url else url
     raise ValueError(
-        f"unsupported store URL scheme {scheme!r}: use sqlite:///path, redis://host:port/db"
-        " or rediss://host:port/db"
+        f"unsupported store URL scheme {scheme!r}: use sqlite:///path, redis://host:port/db,"
+        " redis-sentinel://host:26379,host:26379/service, redis-cluster://host:6379,host:6379"
+        " (rediss...: the same over TLS)"
     )

@@ -19,22 +19,30 @@ Rules this module keeps:
   arrival order (a FIFO semaphore). Connecting, every reply and the wait for a turn are each
   bounded by `timeout`; any Redis or socket failure becomes StoreError. Passwords never appear
   in error messages.
+- `from_url` builds the client from the `state` URL: one node (`redis://`, `rediss://`), a
+  Sentinel-managed primary (`redis-sentinel://`, `rediss-sentinel://`) or a Cluster
+  (`redis-cluster://`, `rediss-cluster://`); see parse_ha_url and docs/store.md. None of them
+  connects before the first operation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Final
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from spamkiller.store.base import (
     KEY_PREFIX,
@@ -234,20 +242,239 @@ def _tls_history(fields: dict[str, str]) -> TlsHistory:
 
 
 def display_url(url: str) -> str:
-    """scheme://host:port/db of a Redis URL, without user or password, for messages."""
-    parts = urlsplit(url)
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a number: shown as given, it is what the admin must fix
-        port = ":" + parts.netloc.rpartition(":")[2]
-    return f"{parts.scheme}://{parts.hostname or 'localhost'}{port}{parts.path}"
+    """scheme://host:port/path of a Redis URL, without user, password or options, for messages.
+
+    Everything up to the last `@` is taken as user and password, so a password holding a raw
+    `/`, `?` or `#` still stays out of the message. Several hosts (Sentinel, Cluster) are shown
+    as written: `redis-sentinel://s1:26379,s2:26379/mymaster`.
+    """
+    scheme, _, rest = url.partition("://")
+    location = re.split(r"[?#]", rest.rpartition("@")[2], maxsplit=1)[0]
+    hosts, slash, path = location.partition("/")
+    return f"{scheme}://{hosts or 'localhost'}{slash}{path}"
+
+
+# --- Sentinel and Cluster URLs ------------------------------------------------------------------
+
+SENTINEL_SCHEMES: Final = ("redis-sentinel", "rediss-sentinel")
+CLUSTER_SCHEMES: Final = ("redis-cluster", "rediss-cluster")
+SENTINEL_PORT: Final = 26379
+REDIS_PORT: Final = 6379
+# Query options a Sentinel or Cluster URL accepts. No secrets here: a query string is shown in
+# logs as written, so passwords go in the user part only.
+TLS_OPTIONS: Final = frozenset(
+    {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a DNS name or an IPv4 address
+_PORT = re.compile(r"[0-9]{1,5}")
+_BOOLEANS: Final = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
+
+
+@dataclass(frozen=True)
+class HaUrl:
+    """A parsed Sentinel or Cluster URL (see parse_ha_url)."""
+
+    kind: Literal["sentinel", "cluster"]
+    tls: bool
+    nodes: tuple[tuple[str, int], ...]  # the sentinels, or the Cluster's startup nodes
+    service: str  # the Sentinel service (master) name; "" for a Cluster
+    db: int
+    username: str | None
+    password: str | None = field(repr=False)
+    sentinel_auth: bool  # authenticate to the sentinels with username/password too
+    tls_options: Mapping[str, str | bool]
+
+
+def parse_ha_url(url: str) -> HaUrl:
+    """Parse a Sentinel or Cluster URL; ValueError (without the password) if it is malformed.
+
+        redis-sentinel://[user:password@]host[:26379],host[:26379]/service[/db][?sentinel_auth=yes]
+        redis-cluster://[user:password@]host[:6379],host[:6379][/0]
+
+    `rediss-sentinel://` and `rediss-cluster://` use TLS for every connection (sentinels and
+    data nodes) and accept the TLS options `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`,
+    `ssl_cert_reqs` (none, optional, required) and `ssl_check_hostname` (yes, no). The user and
+    password are for the data nodes; `sentinel_auth=yes` sends them to the sentinels as well.
+    IPv6 addresses go in brackets: `[2001:db8::1]:26379`.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in (*SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
+        raise ValueError(f"not a Sentinel or Cluster URL: {display_url(url)!r}")
+    kind: Literal["sentinel", "cluster"] = "sentinel" if scheme in SENTINEL_SCHEMES else "cluster"
+    shown = display_url(url)
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"bad {scheme} URL {shown!r}: {reason}")
+
+    # The last "@" ends the user part, so that no part of a password leaks into a message even
+    # when it holds a raw "@", "/", "?" or "#"; those are refused all the same, because other
+    # code (the server's log line) splits the URL the usual way.
+    userinfo, at, location = rest.rpartition("@")
+    if any(char in userinfo for char in "@/?#"):
+        raise bad("percent-encode @ / ? # in the user name and password (%40 %2F %3F %23)")
+    location, _, fragment = location.partition("#")
+    if fragment:
+        raise bad("no #fragment allowed")
+    location, _, query = location.partition("?")
+    hosts, _, path = location.partition("/")
+    default_port = SENTINEL_PORT if kind == "sentinel" else REDIS_PORT
+    what = "sentinel" if kind == "sentinel" else "cluster node"
+    if not hosts:
+        raise bad(f"needs at least one {what}: {scheme}://host1:{default_port},host2:...")
+    nodes = tuple(_node(text, default_port, bad) for text in hosts.split(","))
+
+    segments = path.removesuffix("/").split("/") if path.removesuffix("/") else []
+    service, db = "", 0
+    if kind == "sentinel":
+        if not segments:
+            raise bad(f"needs the service name: {scheme}://host:26379/mymaster")
+        service = unquote(segments[0])
+        if not service.isprintable() or " " in service:
+            raise bad("the service name must be printable, without spaces")
+        if len(segments) > 2 or (len(segments) == 2 and not _PORT.fullmatch(segments[1])):
+            raise bad("the path is /<service name> or /<service name>/<db number>")
+        db = int(segments[1]) if len(segments) == 2 else 0
+    elif segments not in ([], ["0"]):
+        raise bad("Redis Cluster has no databases: leave the path empty or write /0")
+
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+
+    sentinel_auth = False
+    tls_options: dict[str, str | bool] = {}
+    seen: set[str] = set()
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in seen:
+            raise bad(f"option {name!r} given twice")
+        seen.add(name)
+        if name == "sentinel_auth" and kind == "sentinel":
+            if value.lower() not in _BOOLEANS:
+                raise bad("sentinel_auth must be yes or no")
+            sentinel_auth = _BOOLEANS[value.lower()]
+            if sentinel_auth and username is None and password is None:
+                raise bad("sentinel_auth=yes needs user:password@ (or :password@) in the URL")
+        elif name in TLS_OPTIONS:
+            if not scheme.startswith("rediss"):
+                raise bad(f"{name} needs TLS: use {scheme.replace('redis-', 'rediss-', 1)}://")
+            tls_options[name] = _tls_option(name, value, bad)
+        else:
+            known = sorted(TLS_OPTIONS | ({"sentinel_auth"} if kind == "sentinel" else set()))
+            raise bad(f"unknown option {name!r} (known: {', '.join(known)})")
+    return HaUrl(
+        kind=kind,
+        tls=scheme.startswith("rediss"),
+        nodes=nodes,
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        sentinel_auth=sentinel_auth,
+        tls_options=tls_options,
+    )
+
+
+def _node(text: str, default_port: int, bad: Callable[[str], ValueError]) -> tuple[str, int]:
+    """host, host:port, [v6] or [v6]:port."""
+    if text.startswith("["):
+        host, close, tail = text[1:].partition("]")
+        try:
+            if not close:
+                raise ValueError("no ]")
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{text!r} is not a bracketed IPv6 address") from None
+        if tail and not tail.startswith(":"):
+            raise bad(f"{text!r}: expected :port after ]")
+        port_text, has_port = tail[1:], bool(tail)
+    else:
+        host, colon, port_text = text.partition(":")
+        has_port = bool(colon)
+        if not host:
+            raise bad("empty host name (two commas in a row, or a leading or trailing comma?)")
+        if ":" in port_text:
+            raise bad(f"{text!r}: an IPv6 address goes in brackets, [2001:db8::1]:{default_port}")
+        if not _HOST_NAME.fullmatch(host):
+            raise bad(f"{host!r} is not a host name or address")
+    if not has_port:
+        return host, default_port
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise bad(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _tls_option(name: str, value: str, bad: Callable[[str], ValueError]) -> str | bool:
+    if name == "ssl_check_hostname":
+        if value.lower() not in _BOOLEANS:
+            raise bad("ssl_check_hostname must be yes or no")
+        return _BOOLEANS[value.lower()]
+    if name == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+        raise bad("ssl_cert_reqs must be none, optional or required")
+    if not value:
+        raise bad(f"{name} needs a value")
+    return value
+
+
+def _connection_options(timeout: float, connect: float) -> dict[str, Any]:
+    """What every connection of a store uses: bounded waits, no retries, RESP2 (see from_url)."""
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect,
+        "retry": Retry(NoBackoff(), 0),
+        "protocol": 2,
+    }
+
+
+def _sentinel_client(
+    parsed: HaUrl, options: dict[str, Any], max_connections: int
+) -> tuple[Redis, Sentinel]:
+    """The primary's client, following failovers, and the Sentinel it asks (to close too)."""
+    tls: dict[str, Any] = {"ssl": True, **parsed.tls_options} if parsed.tls else {}
+    auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
+    sentinel_options = {**options, **tls, **(auth if parsed.sentinel_auth else {})}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.nodes), sentinel_kwargs=sentinel_options
+    )
+    # Every new connection asks the sentinels for the primary's address first, and a primary
+    # demoted to replica answers writes with READONLY, which drops that connection: a failover
+    # is followed without a restart (the operations in flight then fail with StoreError).
+    client = sentinel.master_for(
+        parsed.service,
+        **options,
+        **tls,
+        **auth,
+        db=parsed.db,
+        max_connections=max_connections,
+    )
+    return client, sentinel
+
+
+def _cluster_client(parsed: HaUrl, options: dict[str, Any], max_connections: int) -> RedisCluster:
+    tls: dict[str, Any] = {"ssl": True, **parsed.tls_options} if parsed.tls else {}
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        # The servers' cluster-require-full-coverage decides whether a shard without a primary
+        # stops the others; the client should not refuse every key on its own.
+        require_full_coverage=False,
+        # A MOVED (resharding) patches that slot's owner. The default also rebuilt the whole map
+        # on every 5th MOVED by closing every connection, in use or not, which failed the other
+        # callers' operations mid-flight.
+        reinitialize_steps=0,
+        max_connections=max_connections,  # per node; the store's FIFO bounds the total anyway
+        username=parsed.username,
+        password=parsed.password,
+        **options,
+        **tls,
+    )
 
 
 class RedisStore:
     """The Store protocol over one Redis client (a single node, a Sentinel master or a Cluster).
 
-    `RedisStore.from_url()` builds a single-node client with bounded waits; for Sentinel or
-    Cluster, build the client yourself (docs/store.md) and pass it in.
+    `RedisStore.from_url()` builds the client from a `state` URL with bounded waits; a client
+    built by hand (other options) can be passed in as well.
     """
 
     def __init__(
@@ -258,15 +485,18 @@ class RedisStore:
         owns_client: bool = True,
         max_in_flight: int = 16,
         wait_timeout: float = 1.0,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Use `client` (closed by close() if `owns_client`).
 
         At most `max_in_flight` operations of this store are sent at once; the others wait
         their turn in arrival order, up to `wait_timeout` seconds, then StoreError.
+        `on_close` is awaited by close() after the client (a Sentinel's own connections).
         """
         self._client = client
         self._name = name  # for error messages: never the URL with its password
         self._owns_client = owns_client
+        self._on_close = on_close
         self._closed = False
         # A FIFO semaphore in front of the pool, not redis-py's BlockingConnectionPool: under
         # a steady load its condition variable let a releasing caller take the connection
@@ -280,6 +510,8 @@ class RedisStore:
         self._slot = client.register_script(_SLOT_LUA)
         self._record_outcome = client.register_script(_REPUTATION_LUA)
         self._tls = client.register_script(_TLS_LUA)
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._learning: asyncio.Future[RedisCluster] | None = None  # see _learn_topology
 
     @classmethod
     def from_url(
@@ -290,15 +522,20 @@ class RedisStore:
         connect_timeout: float | None = None,
         max_connections: int = 16,
     ) -> RedisStore:
-        """A store on `redis://[user:password@]host:port/db` or `rediss://...` (TLS).
+        """A store on `redis://[user:password@]host:port/db` or `rediss://...` (TLS), or on a
+        Sentinel or Cluster URL (`redis-sentinel://`, `redis-cluster://`, TLS: `rediss-...`;
+        see parse_ha_url).
 
         Nothing is connected yet: a Redis that is down at start-up fails the first operation,
         not the MX. `timeout` bounds every socket read and the wait for a free connection;
         `connect_timeout` (default `timeout`) bounds connecting. At most `max_connections`
         operations are in flight per store; more wait their turn.
         """
-        if not url.startswith(("redis://", "rediss://")):
-            raise ValueError(f"not a redis:// or rediss:// URL: {display_url(url)!r}")
+        scheme = url.partition("://")[0]
+        ha = scheme in (*SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
+        if not ha and not url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"not a Redis URL: {display_url(url)!r}")
+        parsed = parse_ha_url(url) if ha else None  # first: a malformed URL is the first problem
         timeout = check_duration("timeout", timeout)
         connect = (
             timeout
@@ -306,6 +543,22 @@ class RedisStore:
             else check_duration("connect_timeout", connect_timeout)
         )
         check_count("max_connections", max_connections)
+        if parsed is not None:
+            options = _connection_options(timeout, connect)
+            client: Redis | RedisCluster
+            on_close = None
+            if parsed.kind == "sentinel":
+                client, sentinel = _sentinel_client(parsed, options, max_connections)
+                on_close = sentinel.aclose
+            else:
+                client = _cluster_client(parsed, options, max_connections)
+            return cls(
+                client,
+                name=display_url(url),
+                max_in_flight=max_connections,
+                wait_timeout=timeout,
+                on_close=on_close,
+            )
         try:
             pool = ConnectionPool.from_url(
                 url,
@@ -349,13 +602,42 @@ class RedisStore:
         else:
             await self._in_flight.acquire()  # free: returns at once, no timer needed
         try:
+            if self._cluster is not None and self._cluster.get_default_node() is None:
+                await self._learn_topology(self._cluster)
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             # OSError: a socket error the client did not wrap (TimeoutError is one in 3.11).
+            # RedisClusterException is not a RedisError: "no node reachable", "slot not covered".
             detail = str(exc) or type(exc).__name__
             raise StoreError(f"{self._name}: {detail}") from exc
         finally:
             self._in_flight.release()
+
+    async def _learn_topology(self, cluster: RedisCluster) -> None:
+        """Ask the Cluster for its slot map once, while the other callers wait.
+
+        redis-py 8.1 routes a keyed command that starts before the client knows a node (at
+        first use, or after it dropped its topology on CLUSTERDOWN) to a random primary:
+        MOVED for most keys. Concurrent callers then piled up MOVEDs, and every 5th made the
+        client close every connection, failing the others (measured: 130 to 170 of 200
+        concurrent first calls failed). Learning the map first, alone, routes every call by its
+        slot.
+
+        Callers arriving meanwhile share the one attempt and its outcome, so a Cluster that is
+        down costs each of them one attempt's wait, not one per caller queued ahead.
+        """
+        if self._learning is None:
+            learning = asyncio.ensure_future(cluster.initialize())
+            self._learning = learning
+
+            def done(task: asyncio.Future[RedisCluster]) -> None:
+                self._learning = None  # the next caller tries again
+                if not task.cancelled():
+                    task.exception()  # seen, even if every caller waiting for it gave up
+
+            learning.add_done_callback(done)
+        # shield: a caller cancelled by its check's timeout must not cancel the others' attempt.
+        await asyncio.shield(self._learning)
 
     async def greylist(
         self,
@@ -468,6 +750,11 @@ class RedisStore:
         if self._closed:
             return
         self._closed = True
+        if self._learning is not None:
+            self._learning.cancel()
         if self._owns_client:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await self._client.aclose()
+        if self._on_close is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._on_close()
