@@ -102,7 +102,8 @@ class Greylister:
         return GreylistSession(self, ctx)
 
     async def record_accepted(self, ctx: CheckContext) -> str | None:
-        """Count one message the upstream accepted; the store error, if any."""
+        """Count one message the upstream accepted; the store error, if any. Not worth a write
+        for an exempt client (the caller checks `GreylistSession.exempt`)."""
         _, error = await guarded(
             self.store.record_outcome(
                 self.reputation_key(ctx), ACCEPTED, expire=self.settings.expire
@@ -117,7 +118,7 @@ class GreylistSession:
         self.greylister = greylister
         self.ctx = ctx
         # The client does not change during a session: exempt is decided once.
-        self._exempt = in_any(ctx.client_ip, greylister.settings.exempt)
+        self.exempt = in_any(ctx.client_ip, greylister.settings.exempt)
         self._skip: str | None = None  # why this transaction is not greylisted, once known
         self._skip_known = False
 
@@ -129,7 +130,7 @@ class GreylistSession:
         g = self.greylister
         s = g.settings
         ctx = self.ctx
-        if self._exempt:
+        if self.exempt:
             return GreyOutcome(status="skip:exempt")
         if ctx.tls.peer_cert_sha256 is not None:  # a verified client certificate (mTLS)
             return GreyOutcome(status="skip:client-certificate")

@@ -846,8 +846,9 @@ class InboundConnection(asyncio.Protocol):
             return UPSTREAM_UNAVAILABLE
         if reply.code == 250:
             queue_id = parse_queue_id(reply)
-            if self.rt.greylister is not None and self.ctx is not None:
-                self.gate.spawn(self._record_accepted(self.rt.greylister, self.ctx))
+            grey = self._grey
+            if grey is not None and not grey.exempt:
+                self.gate.spawn(self._record_accepted(grey.greylister, grey.ctx))
             self._log_message(
                 status="sent", reply=reply, size=event.data.size, upstream_id=queue_id
             )
