@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,6 +21,7 @@ from spamkiller.smtp.replies import Reply
 from spamkiller.store import Store, StoreError, TlsHistory, open_store
 from spamkiller.store.sqlite import SqliteStore
 from spamkiller.tls.facts import TlsFacts, TlsStart
+from support.store_clock import Clock, with_store
 
 PLAIN = TlsFacts.plaintext(starttls_offered=False)
 TLS = TlsFacts(
@@ -222,26 +222,6 @@ def test_reputation_key() -> None:
 # ---------------------------------------------------------------------------------------------
 # GreylistSession.check against the SQLite store
 # ---------------------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def with_store(tmp_path: Path, body: Callable[[SqliteStore, Clock], Awaitable[None]]) -> None:
-    async def main() -> None:
-        clock = Clock()
-        store = await SqliteStore.open(tmp_path / "s.db", clock=clock)
-        try:
-            await body(store, clock)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
 
 
 async def check(

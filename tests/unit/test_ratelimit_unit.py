@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +22,7 @@ from spamkiller.smtp.replies import Reply
 from spamkiller.store import SlotLease, Store, StoreError, open_store
 from spamkiller.store.sqlite import SqliteStore
 from spamkiller.units import Rate
+from support.store_clock import Clock, with_store
 
 TROUBLE_AT_CONNECT = Reply(421, "4.3.0", "Temporary system problem, try again later")
 TROUBLE_AT_MAIL = Reply(451, "4.3.0", "Temporary system problem, try again later")
@@ -35,26 +35,6 @@ def nets(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ..
 
 def limiter(store: Any, **settings: Any) -> RateLimiter:
     return RateLimiter(cast(Store, store), RateSettings(**settings))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def with_store(tmp_path: Path, body: Callable[[SqliteStore, Clock], Awaitable[None]]) -> None:
-    async def main() -> None:
-        clock = Clock()
-        store = await SqliteStore.open(tmp_path / "s.db", clock=clock)
-        try:
-            await body(store, clock)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------------------------

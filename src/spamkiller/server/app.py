@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from spamkiller.checks.base import Check
 from spamkiller.checks.dnsbl import DnsblCheck, Zone
@@ -43,6 +44,8 @@ from spamkiller.smtp.limits import Limits
 from spamkiller.store import Store, StoreError, open_store
 from spamkiller.tls.certs import LoadedPair, load_pairs, make_self_signed
 from spamkiller.tls.contexts import client_context
+
+_S = TypeVar("_S")
 
 
 def self_signed_paths(config: Config) -> tuple[Path, Path]:
@@ -151,6 +154,13 @@ def _networks(values: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6
     return tuple(ipaddress.ip_network(n, strict=False) for n in values)
 
 
+def _settings(cls: type[_S], section: object, **converted: Any) -> _S:
+    """A checks settings dataclass from the config section of the same field names."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    values = {name: getattr(section, name) for name in names if name not in converted}
+    return cls(**values, **converted)
+
+
 def _stateful(config: Config, store: Store | None) -> dict[str, Any]:
     """The Runtime fields that need the store (all off without one) and the tarpit."""
     fields: dict[str, Any] = {}
@@ -162,41 +172,12 @@ def _stateful(config: Config, store: Store | None) -> dict[str, Any]:
     fields.update(store=store, store_timeout=config.state_timeout)
     rl = config.rate_limits
     if rl.enabled:
-        fields["rate_limiter"] = RateLimiter(
-            store,
-            RateSettings(
-                timeout=rl.timeout,
-                on_error=rl.on_error,
-                exempt=_networks(rl.exempt),
-                ipv4_prefix=rl.ipv4_prefix,
-                ipv6_prefix=rl.ipv6_prefix,
-                connections_per_ip=rl.connections_per_ip,
-                connections_per_network=rl.connections_per_network,
-                messages_per_ip=rl.messages_per_ip,
-                messages_per_network=rl.messages_per_network,
-                concurrent_per_ip=rl.concurrent_per_ip,
-                concurrent_per_network=rl.concurrent_per_network,
-                slot_ttl=rl.slot_ttl,
-            ),
-        )
+        limits = _settings(RateSettings, rl, exempt=_networks(rl.exempt))
+        fields["rate_limiter"] = RateLimiter(store, limits)
     grey = config.greylist
     if grey.enabled:
-        fields["greylister"] = Greylister(
-            store,
-            GreylistSettings(
-                delay=grey.delay,
-                retry_window=grey.retry_window,
-                expire=grey.expire,
-                min_score=grey.min_score,
-                auto_pass_accepted=grey.auto_pass_accepted,
-                auto_pass_tls_sessions=grey.auto_pass_tls_sessions,
-                exempt=_networks(grey.exempt),
-                ipv4_prefix=grey.ipv4_prefix,
-                ipv6_prefix=grey.ipv6_prefix,
-                timeout=grey.timeout,
-                on_error=grey.on_error,
-            ),
-        )
+        settings = _settings(GreylistSettings, grey, exempt=_networks(grey.exempt))
+        fields["greylister"] = Greylister(store, settings)
         # The TLS history feeds the greylist's TLS auto-pass; kept as long as greylist records.
         fields["tls_history_expire"] = grey.expire
     if config.pass_cache.enabled:
