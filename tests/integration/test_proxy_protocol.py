@@ -90,3 +90,23 @@ def test_per_ip_cap_counts_the_real_clients(tmp_path: Path, certs: Certs) -> Non
         assert greetings == [b"220 mx.te", b"220 mx.te", b"421 4.7.0", b"220 mx.te"]
         for c in clients:
             c.close()
+
+
+def test_shutdown_answers_a_connection_still_waiting_for_its_header(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A connection the proxy opened but has not announced yet is turned away at once when the
+    server stops, not left to its header timeout."""
+    config = mx_config(
+        tmp_path,
+        certs,
+        upstream_port=free_port(),
+        listeners=proxied_listener(),
+        shutdown_timeout="10s",
+    )
+    with Mx(tmp_path, config) as mx, RawClient(mx.port()) as waiting:
+        assert waiting.nothing_more(0.2) == b""  # no header sent: nothing said yet
+        assert mx.worker is not None
+        mx.call(mx.worker.stop)
+        assert waiting.reply().startswith(b"421 4.3.2 ")
+        assert mx.log.wait_for("disconnect", 'reason="shutdown before the PROXY header"')

@@ -394,6 +394,8 @@ class Worker:
         """Turn new sessions away with 421, let the others finish, then cut what is left."""
         gate = self.gate
         gate.draining = True
+        for pending in list(gate.awaiting_proxy):  # nothing begun yet: 421 at once
+            pending.abort("shutdown before the PROXY header")
         self.log.line(
             "-",
             "shutdown",

@@ -153,6 +153,7 @@ class Gate:
     per_ip: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     sessions: set[InboundConnection] = field(default_factory=set)
+    awaiting_proxy: set[InboundConnection] = field(default_factory=set)  # not admitted yet
     store_errors: int = 0  # store failures seen by this worker (each is also logged)
     background: set[asyncio.Task[None]] = field(default_factory=set)  # fire-and-forget writes
 
@@ -256,7 +257,12 @@ class InboundConnection(asyncio.Protocol):
                 )
                 self.transport.close()
                 return
+            if self.gate.draining:
+                self.transport.write(replies.SHUTTING_DOWN.with_id(self.sid).wire)
+                self.transport.close()
+                return
             self._awaiting_proxy = True
+            self.gate.awaiting_proxy.add(self)
             self._task = asyncio.get_running_loop().create_task(self._run())
             return
         refusal = self.gate.admit(self.client_ip)
@@ -541,10 +547,11 @@ class InboundConnection(asyncio.Protocol):
                 break
             left = deadline - time.monotonic()
             if self._lost or self._eof or left <= 0 or not await self._wakeup.wait(left):
-                self._close_reason = f"no PROXY header from {proxy}"
+                self._close_reason = self._close_reason or f"no PROXY header from {proxy}"
                 return False
         del self._early[: header.length]
         self._awaiting_proxy = False
+        self.gate.awaiting_proxy.discard(self)
         if header.source_ip is not None and header.source_port is not None:
             self.client_ip, self.client_port = canonical_ip(header.source_ip), header.source_port
         refusal = self.gate.admit(self.client_ip)
@@ -991,6 +998,7 @@ class InboundConnection(asyncio.Protocol):
                 self.rt.upstream.release(upstream)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+        self.gate.awaiting_proxy.discard(self)
         if self._admitted:
             self.gate.release(self.client_ip)
             self.gate.sessions.discard(self)
@@ -1020,11 +1028,11 @@ class InboundConnection(asyncio.Protocol):
         if error is not None:
             self._store_failed("rate_limits", error)
 
-    def abort(self) -> None:
-        """Shutdown deadline passed: tell the client and drop the connection."""
+    def abort(self, reason: str = "shutdown deadline") -> None:
+        """Shutting down: tell the client and drop the connection."""
         if self.transport is not None and not self.transport.is_closing():
             self._write(replies.SHUTTING_DOWN.with_id(self.sid).wire)
             self.transport.close()
-        self._close_reason = "shutdown deadline"
+        self._close_reason = reason
         self._lost = True
         self._wake()
