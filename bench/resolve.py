@@ -1,6 +1,8 @@
-"""Resolutions per second: DnspythonResolver from its cache, and uncached against a local unbound.
+"""Resolutions per second: both backends (CaresResolver, DnspythonResolver) from their cache,
+and uncached against a local unbound.
 
     python bench/resolve.py [--quick] [--duration 2] [--runs 3] [--loop both|asyncio|uvloop]
+        [--backend both|cares|dnspython]
 
 unbound is started by tests/support/dns_server.py (127.0.0.1, local zones, one thread) with
 1,000 A records under `bench.test` and a DNSBL-like zone `zen.example` where every lookup is a
@@ -10,8 +12,11 @@ miss (NXDOMAIN), as most DNSBL lookups are. Cells:
   a hit (normalisation, one dict lookup, a list copy). No reference: nothing is sent.
 - `A c=1` / `A c=50`: the 1,000 A records with the cache off (`cache_size=0`), one or 50
   coroutines at a time; `NX c=50`: fresh DNSBL misses, 50 at a time.
+- each cell runs for each backend, `cares` (CaresResolver: c-ares) and `dnspython`
+  (DnspythonResolver), in alternating rounds.
 - each uncached cell also runs **bare dnspython** (`dns.asyncresolver.Resolver.resolve` with the
-  same nameserver, EDNS and no cache) in alternating rounds: the ratio is what our layer costs.
+  same nameserver, EDNS and no cache) in the same rounds: the ratio is lookups/s against it, so
+  for `dnspython` what our layer costs, for `cares` what c-ares saves.
 
 Columns: lookups/s (median of the runs), client CPU us/lookup (this process), unbound CPU
 us/lookup (its /proc counters, 10 ms ticks: rough below ~1 s of CPU), ratio to bare dnspython.
@@ -49,6 +54,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 import dns.asyncresolver
 import dns.nameserver
 
+from spamkiller.dns.cares import CaresResolver
 from spamkiller.dns.dnspython import DnspythonResolver
 from spamkiller.dns.resolver import DnsNxDomain
 from support.dns_server import DnsServer
@@ -75,7 +81,13 @@ def bare(address: str) -> Lookup:
     return lookup
 
 
-def ours(resolver: DnspythonResolver) -> Lookup:
+BACKENDS: dict[str, type[CaresResolver | DnspythonResolver]] = {
+    "cares": CaresResolver,
+    "dnspython": DnspythonResolver,
+}
+
+
+def ours(resolver: CaresResolver | DnspythonResolver) -> Lookup:
     async def lookup(name: str) -> object:
         try:
             return await resolver.a(name)
@@ -143,9 +155,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--loop", choices=["both", "asyncio", "uvloop"], default="both")
+    parser.add_argument("--backend", choices=["both", *BACKENDS], default="both")
     args = parser.parse_args()
     duration, runs = (0.5, 1) if args.quick else (args.duration, args.runs)
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
+    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     info = machine_info()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,24 +187,27 @@ def main() -> int:
                     ("NX c=50", 50, fresh_miss, False),
                 ]
                 for label, conc, names, cached in plan:
-                    rounds: dict[str, list[dict[str, float]]] = {"ours": [], "bare": []}
+                    rounds: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
+                    rounds["bare"] = []
                     for _ in range(runs):
+                        for backend in backends:
 
-                        def factory(cached: bool = cached) -> Lookup:
-                            size = 10 * NAMES if cached else 0
-                            return ours(DnspythonResolver([address], timeout=5.0, cache_size=size))
+                            def factory(cached: bool = cached, backend: str = backend) -> Lookup:
+                                size = 10 * NAMES if cached else 0
+                                cls = BACKENDS[backend]
+                                return ours(cls([address], timeout=5.0, cache_size=size))
 
-                        rounds["ours"].append(
-                            run_cell(
-                                loop_name=loop_name,
-                                lookup_factory=factory,
-                                names=names,
-                                concurrency=conc,
-                                duration=duration,
-                                unbound_pid=pid,
-                                warm=hosts if cached else None,
+                            rounds[backend].append(
+                                run_cell(
+                                    loop_name=loop_name,
+                                    lookup_factory=factory,
+                                    names=names,
+                                    concurrency=conc,
+                                    duration=duration,
+                                    unbound_pid=pid,
+                                    warm=hosts if cached else None,
+                                )
                             )
-                        )
                         if not cached:
                             rounds["bare"].append(
                                 run_cell(
@@ -207,21 +224,25 @@ def main() -> int:
                         if results:
                             cell[who] = {k: median([r[k] for r in results]) for k in results[0]}
                     cells.append(cell)
-                    print(f"  {loop_name:8} {label:11} {fmt(cell['ours']['per_s'])}/s", flush=True)
+                    for backend in backends:
+                        rate = fmt(cell[backend]["per_s"])
+                        print(f"  {loop_name:8} {label:11} {backend:9} {rate}/s", flush=True)
 
     rows = []
     for cell in cells:
-        o, b = cell["ours"], cell.get("bare")
-        rows.append(
-            [
-                f"{cell['loop']} {cell['cell']}",
-                fmt(o["per_s"]),
-                fmt(o["client_us"], 1),
-                fmt(o["unbound_us"], 1) if b else "-",
-                fmt(b["per_s"]) if b else "-",
-                fmt(o["per_s"] / b["per_s"], 2) if b else "-",
-            ]
-        )
+        b = cell.get("bare")
+        for backend in backends:
+            o = cell[backend]
+            rows.append(
+                [
+                    f"{cell['loop']} {cell['cell']} {backend}",
+                    fmt(o["per_s"]),
+                    fmt(o["client_us"], 1),
+                    fmt(o["unbound_us"], 1) if b else "-",
+                    fmt(b["per_s"]) if b else "-",
+                    fmt(o["per_s"] / b["per_s"], 2) if b else "-",
+                ]
+            )
     print()
     print(
         table(
@@ -238,7 +259,13 @@ def main() -> int:
     )
     path = write_results(
         "dns",
-        {"duration": duration, "runs": runs, "cells": cells, "machine": finish_machine_info(info)},
+        {
+            "duration": duration,
+            "runs": runs,
+            "backends": backends,
+            "cells": cells,
+            "machine": finish_machine_info(info),
+        },
     )
     print(f"\nresults: {path}")
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from spamkiller.dns.dnspython import AnswerCache, DnspythonResolver, _Entry, parse_nameserver
+from spamkiller.dns.cache import AnswerCache, Entry, parse_nameserver
+from spamkiller.dns.dnspython import DnspythonResolver
 from spamkiller.dns.resolver import DnsNxDomain
 from spamkiller.errors import ConfigError
 
@@ -18,8 +19,8 @@ class Clock:
         return self.now
 
 
-def entry(*values: str) -> _Entry:
-    return _Entry(values=values)
+def entry(*values: str) -> Entry:
+    return Entry(values=values)
 
 
 def test_entries_live_for_their_ttl() -> None:
@@ -37,7 +38,7 @@ def test_entries_live_for_their_ttl() -> None:
 def test_negative_entries_are_cached_like_positive_ones() -> None:
     clock = Clock()
     cache = AnswerCache(10, 1 << 20, clock)
-    cache.put(("nx.example.", 1), _Entry(error=DnsNxDomain, reason="NXDOMAIN"), 5)
+    cache.put(("nx.example.", 1), Entry(error=DnsNxDomain, reason="NXDOMAIN"), 5)
     hit = cache.get(("nx.example.", 1))
     assert hit is not None and hit.error is DnsNxDomain
 

@@ -234,13 +234,18 @@ def build_pipeline(config: Config) -> Pipeline:
 
 
 def build_resolver(config: Config) -> Resolver:
-    """One resolver per worker; dnspython is only imported when a DNS check is on."""
-    from spamkiller.dns.dnspython import DnspythonResolver
-
+    """One resolver per worker, of the configured ``dns.backend``; the DNS library is only
+    imported when a DNS check is on."""
     dns = config.dns
-    return DnspythonResolver(
-        dns.nameservers or None, timeout=dns.timeout, cache_size=dns.cache_size
-    )
+    if dns.backend == "dnspython":
+        from spamkiller.dns.dnspython import DnspythonResolver
+
+        return DnspythonResolver(
+            dns.nameservers or None, timeout=dns.timeout, cache_size=dns.cache_size
+        )
+    from spamkiller.dns.cares import CaresResolver
+
+    return CaresResolver(dns.nameservers or None, timeout=dns.timeout, cache_size=dns.cache_size)
 
 
 def _listener_set(config: Config) -> set[tuple[str, str, int]]:
