@@ -10,6 +10,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,8 +72,15 @@ _DOCUMENTATION = tuple(
 )
 
 
+# Parsing an address costs more than the rest of a cached check (the ipaddress module is pure
+# Python); a client's address is asked about by several checks in every session, so it is parsed
+# once per process. Address objects are immutable: sharing them is safe.
+parse_ip = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
+
+
+@functools.lru_cache(maxsize=8192)
 def worth_looking_up(ip: str) -> bool:
     """Public addresses (and the documentation ranges tests and examples use): private,
     loopback and link-local clients are in no public DNS list and have no public reverse name."""
-    address = ipaddress.ip_address(ip)
+    address = parse_ip(ip)
     return address.is_global or any(address in net for net in _DOCUMENTATION)

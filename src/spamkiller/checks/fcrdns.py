@@ -11,10 +11,9 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Sequence
 
-from spamkiller.checks.base import CheckContext, Finding, Stage, worth_looking_up
+from spamkiller.checks.base import CheckContext, Finding, Stage, parse_ip, worth_looking_up
 from spamkiller.dns.resolver import DnsPermError, Resolver
 
 MAX_NAMES = 10
@@ -44,10 +43,10 @@ class FcrdnsCheck:
         return [Finding(symbol="FCRDNS_MISMATCH", detail=",".join(names)[:200])]
 
     async def _points_back(self, name: str, ip: str) -> bool:
-        address = ipaddress.ip_address(ip)
+        address = parse_ip(ip)
         lookup = self.resolver.a if address.version == 4 else self.resolver.aaaa
         try:
             values = await lookup(name)
         except DnsPermError:
             return False
-        return any(ipaddress.ip_address(v) == address for v in values)
+        return any(parse_ip(v) == address for v in values)

@@ -10,7 +10,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
-from spamkiller.checks.base import CheckContext, Finding, Stage
+from spamkiller.checks.base import CheckContext, Finding, Stage, parse_ip
 from spamkiller.smtp.address import is_address_literal, is_domain
 
 # Labels that residential and dynamic pools put in their reverse names and their users' HELO.
@@ -33,15 +33,16 @@ class HeloCheck:
                 return [Finding(symbol="HELO_BAD_SYNTAX", detail=helo[:80])]
             literal = helo[1:-1]
             literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
-            if ipaddress.ip_address(literal) != ipaddress.ip_address(ctx.client_ip):
+            if ipaddress.ip_address(literal) != parse_ip(ctx.client_ip):
                 return [Finding(symbol="HELO_LITERAL_MISMATCH", detail=helo[:80])]
             return []
-        try:
-            ipaddress.ip_address(helo)
-        except ValueError:
-            pass
-        else:
-            return [Finding(symbol="HELO_BARE_IP", detail=helo)]
+        if helo[:1].isdigit() or ":" in helo:  # a name cannot be an address: skip the raise
+            try:
+                ipaddress.ip_address(helo)
+            except ValueError:
+                pass
+            else:
+                return [Finding(symbol="HELO_BARE_IP", detail=helo)]
         name = helo.rstrip(".").lower()
         if not is_domain(name):
             return [Finding(symbol="HELO_BAD_SYNTAX", detail=helo[:80])]

@@ -12,6 +12,7 @@ goes on (accept) or is told to retry (tempfail).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 from collections.abc import Awaitable, Sequence
@@ -30,6 +31,7 @@ STORE_TROUBLE_AT_CONNECT = Reply(421, "4.3.0", "Temporary system problem, try ag
 STORE_TROUBLE = Reply(451, "4.3.0", "Temporary system problem, try again later")
 
 
+@functools.lru_cache(maxsize=8192)
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address, an IPv4-mapped IPv6 one (::ffff:192.0.2.1, from a dual-stack socket or a
     PROXY TCP6 header) as the IPv4 address it is."""

@@ -40,6 +40,7 @@ tests). Every implementation keeps these rules:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -233,6 +234,7 @@ def _shown(text: str) -> str:
     return text[:80].encode("unicode_escape").decode("ascii")
 
 
+@functools.lru_cache(maxsize=8192)  # every check of a session asks about the same client
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         addr = ipaddress.ip_address(ip.partition("%")[0])
@@ -244,6 +246,7 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
+@functools.lru_cache(maxsize=8192)
 def reverse_labels(ip: str) -> str:
     """The address's labels in reverse order, as DNSBLs want them: ``2.0.0.127``, or 32 nibbles.
 
