@@ -73,6 +73,9 @@ def test_greylisted_on_one_host_is_accepted_on_retry_at_the_other(
         assert first.rcpt.startswith(b"451 4.7.1 Greylisted")
         early = attempt(b.port, "198.51.100.77")  # B knows the first attempt already
         assert early.rcpt.startswith(b"451 4.7.1 Greylisted")
+        deadline = time.monotonic() + 5
+        while "greylist early" not in b.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "greylist early" in b.log()
         time.sleep(1.2)
         assert attempt(b.port, "198.51.100.78").delivered  # same /24, retried at B
