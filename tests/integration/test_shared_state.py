@@ -126,3 +126,22 @@ def test_workers_of_one_host_share_the_sqlite_store(tmp_path: Path, certs: Certs
             assert sum(b.startswith(b"220 ") for b in banners) == 4
             assert sum(b.startswith(b"421 4.7.0") for b in banners) == 4
             assert "workers count=2" in mx.log()
+
+
+def test_the_redis_password_works_and_never_reaches_the_log(tmp_path: Path, certs: Certs) -> None:
+    secret = "s3cret-Pass-9f2"
+    with (
+        RedisServer(tmp_path / "redis", password=secret) as redis,
+        RecordingUpstream() as up,
+    ):
+        url = f"redis://:{secret}@127.0.0.1:{redis.port}/0"
+        config = host_config(tmp_path, certs, up.port, state=url)
+        with MxProcess(tmp_path, config) as mx:
+            # The store answers (greylisting works), so the password was used ...
+            assert attempt(mx.port, "198.51.100.99").rcpt.startswith(b"451 4.7.1 Greylisted")
+            deadline = time.monotonic() + 5
+            while "store state=" not in mx.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert f"redis://:***@127.0.0.1:{redis.port}/0" in mx.log()
+        # ... and no line of the log shows it.
+        assert secret not in mx.log()
