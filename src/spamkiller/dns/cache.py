@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from spamkiller.dns.resolver import DnsError, Tlsa, normalise_name
 from spamkiller.errors import ConfigError
@@ -209,6 +210,21 @@ class CachingResolver:
         self._hits = 0
         self._misses = 0
         self._queries = 0
+        # The arguments as given, so a backend can make a helper resolver just like itself.
+        self._arguments: dict[str, Any] = {
+            "nameservers": nameservers,
+            "timeout": timeout,
+            "cache_size": cache_size,
+            "min_ttl": min_ttl,
+            "max_ttl": max_ttl,
+            "max_negative_ttl": max_negative_ttl,
+            "cache_bytes": cache_bytes,
+            "clock": clock,
+        }
+        self._start()
+
+    def _start(self) -> None:
+        """The backend's own setup, once the settings are checked (ConfigError if unusable)."""
 
     @property
     def stats(self) -> CacheStats:

@@ -35,7 +35,6 @@ import contextlib
 import importlib
 import itertools
 import socket
-import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -133,38 +132,7 @@ class CaresResolver(CachingResolver):
     ``/etc/resolv.conf``. ``close()`` releases the channel (also done when collected).
     """
 
-    def __init__(
-        self,
-        nameservers: list[str] | None = None,
-        timeout: float = 5.0,
-        cache_size: int = 10_000,
-        *,
-        min_ttl: float = 0.0,
-        max_ttl: float = 3600.0,
-        max_negative_ttl: float = 300.0,
-        cache_bytes: int = 32 * 2**20,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(
-            nameservers,
-            timeout,
-            cache_size,
-            min_ttl=min_ttl,
-            max_ttl=max_ttl,
-            max_negative_ttl=max_negative_ttl,
-            cache_bytes=cache_bytes,
-            clock=clock,
-        )
-        self._settings: dict[str, Any] = {
-            "nameservers": nameservers,
-            "timeout": timeout,
-            "cache_size": cache_size,
-            "min_ttl": min_ttl,
-            "max_ttl": max_ttl,
-            "max_negative_ttl": max_negative_ttl,
-            "cache_bytes": cache_bytes,
-            "clock": clock,
-        }
+    def _start(self) -> None:
         self._dnssec: DnspythonResolver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: set[int] = set()
@@ -301,7 +269,7 @@ class CaresResolver(CachingResolver):
         if self._dnssec is None:
             from spamkiller.dns.dnspython import DnspythonResolver
 
-            self._dnssec = DnspythonResolver(**self._settings)
+            self._dnssec = DnspythonResolver(**self._arguments)
         return self._dnssec
 
     async def _query(self, qname: str, rdtype: int) -> tuple[Entry, float]:

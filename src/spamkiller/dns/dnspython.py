@@ -34,7 +34,6 @@ only this one reports the DNSSEC AD bit. The cache, single flight and settings a
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -158,28 +157,7 @@ class DnspythonResolver(CachingResolver):
     Arguments as ``CachingResolver``'s; without ``nameservers`` it reads ``/etc/resolv.conf``.
     """
 
-    def __init__(
-        self,
-        nameservers: list[str] | None = None,
-        timeout: float = 5.0,
-        cache_size: int = 10_000,
-        *,
-        min_ttl: float = 0.0,
-        max_ttl: float = 3600.0,
-        max_negative_ttl: float = 300.0,
-        cache_bytes: int = 32 * 2**20,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(
-            nameservers,
-            timeout,
-            cache_size,
-            min_ttl=min_ttl,
-            max_ttl=max_ttl,
-            max_negative_ttl=max_negative_ttl,
-            cache_bytes=cache_bytes,
-            clock=clock,
-        )
+    def _start(self) -> None:
         plain = self._new_resolver(self._servers)
         self.nameservers: list[str] = [str(ns) for ns in plain.nameservers]
         self._plain = plain
