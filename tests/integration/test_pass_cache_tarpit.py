@@ -112,3 +112,25 @@ def test_a_clean_client_is_not_tarpitted(tmp_path: Path, certs: Certs) -> None:
         assert attempt(mx.port(), "127.0.0.1", proxy=False).delivered
         assert mx.log.wait_for("disconnect", "reason=")
         assert not mx.log.find("tarpit=")
+
+
+def test_a_client_caught_before_the_banner_gets_a_slow_banner(tmp_path: Path, certs: Certs) -> None:
+    config = mx_config(
+        tmp_path,
+        certs,
+        upstream_port=0,
+        listeners=proxied_listener(greet_delay=0.3),
+        policy={"thresholds": {"tag": 1.0, "reject": 50.0}},  # scored, not refused
+        tarpit={"enabled": True, "min_score": 5.0, "delay": "1s"},
+    )
+    with RecordingUpstream() as up:
+        config["upstream"]["port"] = up.port
+        with Mx(tmp_path, config) as mx, RawClient(mx.port()) as c:
+            started = time.monotonic()
+            c.send(b"PROXY TCP4 198.51.100.77 192.0.2.25 40000 25\r\nEHLO early.example\r\n")
+            assert c.reply().startswith(b"220 ")
+            # The greet delay, then the tarpit's delay on top: PREGREET scored 5.
+            assert time.monotonic() - started >= 1.25
+            assert c.nothing_more(0.6) == b""  # the EHLO reply waits too
+            assert c.reply().startswith(b"250")
+        assert mx.log.wait_for("disconnect", "tarpit=1s")
