@@ -79,6 +79,16 @@ parse_ip = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
 
 
 @functools.lru_cache(maxsize=8192)
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, an IPv4-mapped IPv6 one (::ffff:192.0.2.1, from a dual-stack socket or a
+    PROXY TCP6 header) as the IPv4 address it is. ValueError if it is no address."""
+    address = parse_ip(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@functools.lru_cache(maxsize=8192)
 def worth_looking_up(ip: str) -> bool:
     """Public addresses (and the documentation ranges tests and examples use): private,
     loopback and link-local clients are in no public DNS list and have no public reverse name."""

@@ -12,13 +12,13 @@ goes on (accept) or is told to retry (tempfail).
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import math
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from spamkiller.checks.base import client_address
 from spamkiller.smtp.replies import Reply
 from spamkiller.store.base import SlotLease, Store, StoreError
 from spamkiller.units import Rate, format_duration
@@ -31,26 +31,16 @@ STORE_TROUBLE_AT_CONNECT = Reply(421, "4.3.0", "Temporary system problem, try ag
 STORE_TROUBLE = Reply(451, "4.3.0", "Temporary system problem, try again later")
 
 
-@functools.lru_cache(maxsize=8192)
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address, an IPv4-mapped IPv6 one (::ffff:192.0.2.1, from a dual-stack socket or a
-    PROXY TCP6 header) as the IPv4 address it is."""
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def network_of(ip: str, *, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The client's network in CIDR form: 192.0.2.0/24, 2001:db8:1:2::/64."""
-    address = _address(ip)
+    address = client_address(ip)
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def in_any(ip: str, networks: Sequence[Network]) -> bool:
     try:
-        address = _address(ip)
+        address = client_address(ip)
     except ValueError:
         return False
     return any(address in network for network in networks)

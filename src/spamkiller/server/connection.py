@@ -16,12 +16,18 @@ import ipaddress
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from spamkiller import proxyproto
-from spamkiller.checks.base import CheckContext, Finding, Stage, worth_looking_up
+from spamkiller.checks.base import (
+    CheckContext,
+    Finding,
+    Stage,
+    client_address,
+    worth_looking_up,
+)
 from spamkiller.checks.greylist import Greylister, GreylistSession, tls_key
 from spamkiller.checks.pipeline import NOTHING, Pipeline, StageResult
 from spamkiller.checks.policy import Action, Thresholds, Verdict, decide
@@ -67,6 +73,8 @@ from spamkiller.tls.facts import TlsFacts, TlsStart
 if TYPE_CHECKING:
     from spamkiller.smtp.address import Address
 
+_T = TypeVar("_T")
+
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream server unavailable, try again later")
 CLIENT_CERT_REFUSED = Reply(421, "4.7.0", "Client certificate not accepted")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -78,14 +86,12 @@ MEMORY_EXHAUSTED = Reply(421, "4.3.1", "Insufficient system storage, closing con
 def canonical_ip(ip: str) -> str:
     """An IPv4-mapped IPv6 address (::ffff:192.0.2.1, from a dual-stack listener or a PROXY TCP6
     header) as the IPv4 address it is, so caps, checks, keys and logs see one form."""
-    if ip.startswith("::ffff:") or ip.startswith("::FFFF:"):
-        try:
-            mapped = ipaddress.IPv6Address(ip).ipv4_mapped
-        except ValueError:
-            return ip
-        if mapped is not None:
-            return str(mapped)
-    return ip
+    if ip[:7].lower() != "::ffff:":
+        return ip  # the common case costs no parse
+    try:
+        return str(client_address(ip))
+    except ValueError:
+        return ip
 
 
 def new_session_id() -> str:
@@ -472,23 +478,25 @@ class InboundConnection(asyncio.Protocol):
     def _pass_key(self) -> str:
         return f"pass:{self.client_ip}"
 
+    async def _stored(self, what: str, operation: Awaitable[_T]) -> _T | None:
+        """One store operation of the session's own, bounded by state_timeout; a failure is
+        logged and counted, and reads as None."""
+        result, error = await guarded(operation, self.rt.store_timeout)
+        if error is not None:
+            self._store_failed(what, error)
+        return result
+
     async def _in_pass_cache(self) -> bool:
         store = self.rt.store
         assert store is not None
-        found, error = await guarded(store.pass_cache_get(self._pass_key()), self.rt.store_timeout)
-        if error is not None:
-            self._store_failed("pass_cache", error)  # a miss: the checks run as usual
-        return bool(found)
+        # A store failure is a miss: the checks run as usual.
+        return bool(await self._stored("pass_cache", store.pass_cache_get(self._pass_key())))
 
     async def _remember_pass(self) -> None:
         store = self.rt.store
         assert store is not None
-        _, error = await guarded(
-            store.pass_cache_put(self._pass_key(), ttl=self.rt.pass_cache_ttl),
-            self.rt.store_timeout,
-        )
-        if error is not None:
-            self._store_failed("pass_cache", error)
+        put = store.pass_cache_put(self._pass_key(), ttl=self.rt.pass_cache_ttl)
+        await self._stored("pass_cache", put)
 
     def _note_score(self, score: float) -> None:
         """Tarpit: once the score reaches tarpit_score, every later reply waits."""
@@ -693,14 +701,10 @@ class InboundConnection(asyncio.Protocol):
         store = self.rt.store
         assert store is not None
         version = self.tls.version if self.tls.active else None
-        history, error = await guarded(
-            store.record_tls(
-                tls_key(self.client_ip), version=version, expire=self.rt.tls_history_expire
-            ),
-            self.rt.store_timeout,
+        record = store.record_tls(
+            tls_key(self.client_ip), version=version, expire=self.rt.tls_history_expire
         )
-        if error is not None:
-            self._store_failed("tls_history", error)
+        history = await self._stored("tls_history", record)
         if self.ctx is not None:
             self.ctx.tls_history = history
 
