@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import ssl
 from pathlib import Path
 
 from conftest import Certs, mx_config
@@ -35,6 +36,34 @@ def test_helo_claiming_our_name_is_scored_and_rejected_at_rcpt(
             assert smtp.ehlo("mail.sender.example")[0] == 250
             assert smtp.sendmail("a@sender.example", ["bob@example.com"], MESSAGE) == {}
     assert up.connections == 1 and len(up.messages) == 1
+
+
+def _tls(certs: Certs) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certs.ca_file))
+
+
+def test_helo_findings_survive_starttls_and_a_new_name_replaces_them(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """The EHLO after STARTTLS repeats the name: its findings stand (they are kept, not judged
+    again); a different name after STARTTLS is judged afresh."""
+    policy = {"thresholds": {"tag": 2.0, "reject": 5.0}}
+    with RecordingUpstream() as up:
+        config = mx_config(tmp_path, certs, upstream_port=up.port, policy=policy)
+        with Mx(tmp_path, config) as mx:
+            with smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp:
+                smtp.ehlo("mx.test.example")
+                smtp.starttls(context=_tls(certs))
+                assert smtp.ehlo("mx.test.example")[0] == 250
+                assert smtp.mail("forger@sender.example")[0] == 250
+                assert smtp.rcpt("bob@example.com")[0] == 550
+            assert mx.log.wait_for("reject", "stage=rcpt", "rules=HELO_IS_OURS(5)")
+            with smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp:
+                smtp.ehlo("mx.test.example")
+                smtp.starttls(context=_tls(certs))
+                assert smtp.ehlo("mail.sender.example")[0] == 250
+                assert smtp.sendmail("a@sender.example", ["bob@example.com"], MESSAGE) == {}
+    assert len(up.messages) == 1
 
 
 def test_score_below_reject_is_logged_with_the_message(tmp_path: Path, certs: Certs) -> None:

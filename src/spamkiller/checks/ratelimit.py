@@ -12,6 +12,7 @@ goes on (accept) or is told to retry (tempfail).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 from collections.abc import Awaitable, Sequence
@@ -38,7 +39,10 @@ def network_of(ip: str, *, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
-def in_any(ip: str, networks: Sequence[Network]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def in_any(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Whether the client is in one of `networks`; asked at every connection, and busy senders
+    come back, so the answer is cached (the ipaddress module is pure Python)."""
     try:
         address = client_address(ip)
     except ValueError:

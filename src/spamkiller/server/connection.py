@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import secrets
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -96,7 +96,7 @@ def canonical_ip(ip: str) -> str:
 
 def new_session_id() -> str:
     """A short id for logs and replies: 10 hex digits (40 random bits), like a queue id."""
-    return secrets.token_hex(5).upper()
+    return os.urandom(5).hex().upper()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,6 +203,52 @@ class _Transaction:
 
 class InboundConnection(asyncio.Protocol):
     """One client connection, from accept to close."""
+
+    # Slots: the driver reads its own attributes on every command, and a thousand idle
+    # connections should not each carry a dict.
+    __slots__ = (
+        "_accepted",
+        "_admitted",
+        "_awaiting_proxy",
+        "_bytes_in",
+        "_close_reason",
+        "_connect_result",
+        "_early",
+        "_eof",
+        "_grey",
+        "_held",
+        "_helo_result",
+        "_leases",
+        "_limited",
+        "_lost",
+        "_mail_result",
+        "_message_bytes0",
+        "_message_started",
+        "_pass_cache",
+        "_paused",
+        "_peer_allowed",
+        "_proxied_by",
+        "_public",
+        "_tarpit",
+        "_task",
+        "_tls_begun",
+        "_tls_recorded",
+        "_unknown_rcpts",
+        "_verdict",
+        "_wakeup",
+        "client_ip",
+        "client_port",
+        "ctx",
+        "gate",
+        "policy",
+        "rt",
+        "session",
+        "sid",
+        "tls",
+        "transport",
+        "txn",
+        "upstream",
+    )
 
     def __init__(self, listener: str, runtime: Callable[[], Runtime], gate: Gate) -> None:
         self.rt = runtime()  # fixed for the life of this session, even across a reload
@@ -655,11 +701,18 @@ class InboundConnection(asyncio.Protocol):
         if isinstance(event, Reset | Ehlo):
             await self._reset_upstream()
             self.txn = None
-            if isinstance(event, Ehlo) and self.ctx is not None:
-                # Findings are kept for RCPT time, when the envelope is known and a rejection can
-                # be logged with it (Postfix's smtpd_delay_reject).
-                self.ctx.helo = event.name
-                self._helo_result = await self.rt.pipeline.run(Stage.HELO, self.ctx)
+            # Findings are kept for RCPT time, when the envelope is known and a rejection can be
+            # logged with it (Postfix's smtpd_delay_reject). HELO checks judge the name and the
+            # client, not TLS: the same name again (the EHLO after STARTTLS) keeps its findings,
+            # unless they were a tempfail worth asking again.
+            ctx = self.ctx
+            if (
+                isinstance(event, Ehlo)
+                and ctx is not None
+                and (event.name != ctx.helo or self._helo_result.tempfail is not None)
+            ):
+                ctx.helo = event.name
+                self._helo_result = await self.rt.pipeline.run(Stage.HELO, ctx)
             return event.reply
         if isinstance(event, Quit | StartTls):
             await self._reset_upstream()
