@@ -19,6 +19,7 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 GREETING = b"220 floor.bench.test ESMTP floor\r\n"
@@ -193,8 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         f"loop={loop_name}, pid={os.getpid()})",
         flush=True,
     )
+    return fork_workers(args, run_worker, "floor")
+
+
+def fork_workers(
+    args: argparse.Namespace,
+    run_worker: Callable[[argparse.Namespace, bool], None],
+    name: str,
+) -> int:
+    """Run `run_worker` in this process, or in `args.workers` forked ones sharing the port."""
     if args.workers == 1:
-        run_worker(args, reuse_port=False)
+        run_worker(args, False)
         return 0
 
     live: set[int] = set()
@@ -203,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         if pid == 0:
             code = 0
             try:
-                run_worker(args, reuse_port=True)
+                run_worker(args, True)
             except BaseException as exc:
-                print(f"floor worker {os.getpid()}: {exc!r}", file=sys.stderr, flush=True)
+                print(f"{name} worker {os.getpid()}: {exc!r}", file=sys.stderr, flush=True)
                 code = 1
             finally:
                 os._exit(code)

@@ -438,6 +438,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--target-only", metavar="HOST:PORT", help="only load this running server (no floor)"
     )
     parser.add_argument("--server-pid", type=int, help="with --target-only: account its CPU")
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="also measure bench/lean_relay.py (the floor plus a bare relay) with --workers",
+    )
     parser.add_argument("--skip-floor", action="store_true", help="do not run the floor")
     parser.add_argument("--floor-only", action="store_true", help="run the floor only")
     # Hidden: the generator child process.
@@ -531,6 +536,28 @@ def run_servers(
         ],
         workdir / "floor.log",
     )
+    lean_sink = Sink(free_port(), workdir / "lean-smtp-sink.log")
+    lean_port = free_port()
+    lean = ManagedProcess(
+        "lean relay",
+        [
+            python,
+            str(Path(__file__).with_name("lean_relay.py")),
+            "--port",
+            str(lean_port),
+            "--upstream",
+            f"127.0.0.1:{lean_sink.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--workers",
+            str(args.workers),
+            "--loop",
+            args.floor_loop,
+        ],
+        workdir / "lean-relay.log",
+    )
     sink = Sink(free_port(), workdir / "smtp-sink.log")
     sk_port = free_port()
     data_dir = tmp / "data"
@@ -565,6 +592,7 @@ def run_servers(
         "workers": args.workers,
         "floor_workers": args.floor_workers,
         "floor_loop": args.floor_loop,
+        "lean_relay": args.lean,
         "server_cmd": sk_cmd if with_sk else None,
     }
     print(
@@ -582,6 +610,9 @@ def run_servers(
     if with_floor:
         procs.append(floor)
         targets.append(("floor", f"127.0.0.1:{floor_port}", floor, None))
+    if args.lean:
+        procs += [lean_sink, lean]
+        targets.append(("lean relay", f"127.0.0.1:{lean_port}", lean, lean_sink))
     if with_sk:
         procs += [sink, server]
         targets.append(("spam-killer", f"127.0.0.1:{sk_port}", server, sink))
@@ -591,6 +622,9 @@ def run_servers(
             proc.start()
         if with_floor:
             wait_smtp_ready("127.0.0.1", floor_port, floor)
+        if args.lean:
+            wait_smtp_ready("127.0.0.1", lean_sink.port, lean_sink)
+            wait_smtp_ready("127.0.0.1", lean_port, lean)
         if with_sk:
             wait_smtp_ready("127.0.0.1", sink.port, sink)
             took = wait_smtp_ready("127.0.0.1", sk_port, server)
