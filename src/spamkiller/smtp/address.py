@@ -20,7 +20,8 @@ _DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 _DOT_STRING_UTF8 = re.compile(rf"(?:[{_ATEXT}]|[^\x00-\x7f])+(?:\.(?:[{_ATEXT}]|[^\x00-\x7f])+)*\Z")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _QUOTED_UTF8 = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"\Z')
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")  # one match, not one per label
 _LABEL_UTF8 = re.compile(
     r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])*(?:[A-Za-z0-9]|[^\x00-\x7f]))?\Z"
 )
@@ -53,8 +54,9 @@ def is_domain(name: str, *, utf8: bool = False) -> bool:
     """True if `name` is an RFC 5321 Domain (optionally with U-labels)."""
     if not name or len(name) > MAX_DOMAIN:
         return False
-    label = _LABEL_UTF8 if utf8 else _LABEL
-    return all(label.match(part) for part in name.split("."))
+    if not utf8:
+        return _DOMAIN.match(name) is not None
+    return all(_LABEL_UTF8.match(part) for part in name.split("."))
 
 
 def is_address_literal(text: str) -> bool:

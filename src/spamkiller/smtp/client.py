@@ -19,7 +19,7 @@ from spamkiller.errors import LocalProtocolError, RemoteProtocolError
 from spamkiller.smtp.events import NEED_DATA, ConnectionClosed, NeedData
 from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
-from spamkiller.smtp.states import TRANSITIONS, State, Verb
+from spamkiller.smtp.states import TRANSITIONS, VERB_NAMES, State, Verb
 
 # Commands whose only good answer is a go-ahead: (code, the state it opens).
 _GO_AHEAD = {Verb.DATA: (354, State.DATA), Verb.STARTTLS: (220, State.TLS)}
@@ -141,20 +141,21 @@ class ClientSession:
     # ---- commands --------------------------------------------------------------------------
 
     def _command(self, verb: Verb, arg: str = "") -> bytes:
+        name = VERB_NAMES[verb]
         if self._go_ahead_pending:
             # RFC 2920 3.1 / RFC 3207 4: DATA and STARTTLS end a pipelined group.
-            raise LocalProtocolError(f"{verb.value} sent before the go-ahead was read")
+            raise LocalProtocolError(f"{name} sent before the go-ahead was read")
         nxt = TRANSITIONS.get((self.state, verb))
         if nxt is None:
-            raise LocalProtocolError(f"{verb.value} not allowed in state {self.state.name}")
-        if any(c in arg for c in "\r\n\0"):
-            raise LocalProtocolError(f"CR, LF or NUL in {verb.value} argument")
+            raise LocalProtocolError(f"{name} not allowed in state {self.state.name}")
+        if "\r" in arg or "\n" in arg or "\0" in arg:
+            raise LocalProtocolError(f"CR, LF or NUL in {name} argument")
         if verb in _GO_AHEAD:  # the state changes on the go-ahead; see _on_reply
             self._go_ahead_pending = True
         else:  # pipelined commands advance at once
             self.state = nxt
         self._expect.append(verb)
-        line = f"{verb.value} {arg}\r\n" if arg else f"{verb.value}\r\n"
+        line = f"{name} {arg}\r\n" if arg else f"{name}\r\n"
         return line.encode("utf-8")
 
     def ehlo(self, name: str) -> bytes:

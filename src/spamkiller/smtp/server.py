@@ -51,12 +51,23 @@ from spamkiller.smtp.events import (
 )
 from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
-from spamkiller.smtp.states import TLS_REQUIRED, TRANSITIONS, VERBS, State, Verb, sequence_error
+from spamkiller.smtp.states import (
+    TLS_REQUIRED,
+    TRANSITIONS,
+    VERB_NAMES,
+    VERBS,
+    State,
+    Verb,
+    sequence_error,
+)
 
 # A HELO/EHLO argument is echoed into our Received header: printable ASCII, no spaces.
 _HELO_NAME = re.compile(r"[\x21-\x7e]{1,255}\Z")
 _BDAT_ARGS = re.compile(r"([0-9]{1,19})(?: +(LAST))? *\Z", re.IGNORECASE)
 _END_OF_DATA = b"\r\n.\r\n"
+
+
+_TALLY_NAMES = {verb: name.lower() for verb, name in VERB_NAMES.items()}  # "ehlo=2 mail=1"
 
 
 @functools.lru_cache(maxsize=64)
@@ -321,7 +332,7 @@ class ServerSession:
         verb = VERBS.get(name.upper()) if name.isascii() else None
         if verb is None:
             return self._violation("unknown command", replies.UNKNOWN_COMMAND)
-        self._pending_verb = verb.value.lower()
+        self._pending_verb = _TALLY_NAMES[verb]
         if verb is Verb.BDAT:
             return self._bdat(arg)
         self._bdat_failed = False

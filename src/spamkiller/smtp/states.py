@@ -48,6 +48,8 @@ class Verb(Enum):
 
 
 VERBS: dict[str, Verb] = {v.value: v for v in Verb}
+# Enum.value is a Python-level property; code that names a verb on every command reads this.
+VERB_NAMES: dict[Verb, str] = {v: v.value for v in Verb}
 
 _COMMAND_STATES = (State.GREETED, State.READY, State.MAIL, State.RCPT, State.BDAT)
 _AFTER_EHLO = (State.READY, State.MAIL, State.RCPT)

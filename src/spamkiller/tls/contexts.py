@@ -458,6 +458,8 @@ def _clean_sni(server_name: str) -> str:
     """The requested name as recorded: lowercased, and anything outside a host name's alphabet
     replaced by "?", so a crafted name carries no control bytes into logs or headers."""
     name = server_name.rstrip(".").lower()[:_MAX_SNI]
+    if _SNI_ALPHABET.issuperset(name):
+        return name  # the usual case, without a loop over the characters
     return "".join(char if char in _SNI_ALPHABET else "?" for char in name)
 
 
