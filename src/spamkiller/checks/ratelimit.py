@@ -12,7 +12,6 @@ goes on (accept) or is told to retry (tempfail).
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import math
 from collections.abc import Awaitable, Sequence
@@ -39,10 +38,9 @@ def network_of(ip: str, *, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
-@functools.lru_cache(maxsize=4096)
-def in_any(ip: str, networks: tuple[Network, ...]) -> bool:
-    """Whether the client is in one of `networks`; asked at every connection, and busy senders
-    come back, so the answer is cached (the ipaddress module is pure Python)."""
+def in_any(ip: str, networks: Sequence[Network]) -> bool:
+    # Not cached: a cache key would hash every network object (pure Python), which costs more
+    # than the lookups; client_address is cached already.
     try:
         address = client_address(ip)
     except ValueError:
