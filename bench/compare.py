@@ -6,6 +6,7 @@ most changes to the session path are worth. Here every client loop alternates be
 same instant, and the figure that matters is B's server CPU per session over A's:
 
     python bench/compare.py [--ref HEAD~1] [--rounds 5] [--duration 4] [--workers 1]
+    python bench/compare.py --ref HEAD --a-python /other/venv/bin/python   # two interpreters
 
 Each build runs as `spam-killer run` with its own listener and its own smtp-sink (every message
 a client saw accepted must reach it). Build A runs from `git archive REF src` on PYTHONPATH.
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--procs", type=int, default=2, help="generator processes")
     parser.add_argument("--workers", type=int, default=1, help="workers of each build")
+    parser.add_argument(
+        "--a-python",
+        help="interpreter for build A (a venv's python with the dependencies; default: .venv's)",
+    )
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     parser.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -178,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["tar", "-x", "-C", str(ref_src)], input=archive.stdout, check=True)
         cert = make_rsa_cert(tmp)
         builds: list[Build] = []
+        launcher = {"A": [args.a_python, "-m", "spamkiller"] if args.a_python else None}
         for name, src in (("A", ref_src / "src"), ("B", REPO_ROOT / "src")):
             sink = Sink(free_port(), workdir / f"smtp-sink-{name}.log")
             port = free_port()
@@ -193,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                     tls_cert=cert,
                 ),
             )
-            cmd = ["env", f"PYTHONPATH={src}", *default_server_cmd(), "run", "-c", str(config)]
+            start = launcher.get(name) or default_server_cmd()
+            cmd = ["env", f"PYTHONPATH={src}", *start, "run", "-c", str(config)]
             server = ManagedProcess(f"spam-killer {name}", cmd, workdir / f"spam-killer-{name}.log")
             builds.append(Build(name, f"127.0.0.1:{port}", server, sink))
-        print(f"A: {args.ref} ({ref_src / 'src'})  B: work tree ({REPO_ROOT / 'src'})")
+        print(
+            f"A: {args.ref} ({ref_src / 'src'}, {args.a_python or venv_python()})  "
+            f"B: work tree ({REPO_ROOT / 'src'}, {venv_python()})"
+        )
         print(
             f"{args.rounds} rounds of {args.duration:g} s, concurrency {args.concurrency}, "
             f"workers {args.workers} each; logs in {workdir}"
