@@ -63,9 +63,11 @@ from common import (
     managed,
     median,
     run_dir,
+    run_generators,
     run_main,
     self_rusage_seconds,
     server_config,
+    split_evenly,
     table,
     tree_cpu_seconds,
     venv_python,
@@ -691,9 +693,7 @@ def load(
 ) -> RunResult:
     """One run along `route`: spawn the generators, collect, account CPU, DNS and delivery."""
     procs = min(settings.procs, cell.sessions)
-    shares = [
-        cell.sessions // procs + (1 if i < cell.sessions % procs else 0) for i in range(procs)
-    ]
+    shares = split_evenly(cell.sessions, procs)
     start_at = time.time() + 0.3 + 0.1 * procs  # time for the interpreters to start
     sink_before = route.sink.messages()
     server_cpu0 = route.server.cpu_seconds() if route.server is not None else None
@@ -704,40 +704,30 @@ def load(
     sink_cpu0 = route.sink.cpu_seconds()
     own0 = children_rusage_seconds() + self_rusage_seconds()  # generators (reaped), this script
     busy0, steal0 = machine_cpu()
-    children = [
-        subprocess.Popen(
-            [
-                venv_python(),
-                __file__,
-                "--generate",
-                f"127.0.0.1:{route.port}",
-                "--gen-sessions",
-                str(share),
-                *(["--gen-many"] if cell.mode == "many/conn" else []),
-                *(["--gen-proxy"] if route.proxy else []),
-                "--gen-index",
-                str(i),
-                "--gen-procs",
-                str(procs),
-                "--pool",
-                str(settings.pool),
-                "--duration",
-                str(duration),
-                "--start-at",
-                repr(start_at),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        [
+            venv_python(),
+            __file__,
+            "--generate",
+            f"127.0.0.1:{route.port}",
+            "--gen-sessions",
+            str(share),
+            *(["--gen-many"] if cell.mode == "many/conn" else []),
+            *(["--gen-proxy"] if route.proxy else []),
+            "--gen-index",
+            str(i),
+            "--gen-procs",
+            str(procs),
+            "--pool",
+            str(settings.pool),
+            "--duration",
+            str(duration),
+            "--start-at",
+            repr(start_at),
+        ]
         for i, share in enumerate(shares)
     ]
-    outputs = []
-    for child in children:
-        out, err = child.communicate(timeout=2 * duration + SESSION_TIMEOUT + 30)
-        if child.returncode != 0:
-            raise BenchError(f"load generator failed (status {child.returncode}):\n{err}")
-        outputs.append(json.loads(out))
+    outputs = run_generators(commands, timeout=2 * duration + SESSION_TIMEOUT + 30)
     busy1, steal1 = machine_cpu()
     own = children_rusage_seconds() + self_rusage_seconds() - own0
     own += route.sink.cpu_seconds() - sink_cpu0

@@ -510,6 +510,31 @@ def make_rsa_cert(directory: Path, name: str = "mx.bench.test") -> tuple[Path, P
     return cert, key
 
 
+# --- load generators ---------------------------------------------------------------------------
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` in `parts` whole shares that differ by at most one (the first ones larger)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_generators(commands: Sequence[Sequence[str]], timeout: float) -> list[Any]:
+    """Start one generator process per command, all at once; wait for all of them and return
+    what each printed on stdout, parsed as JSON. A generator that fails is a BenchError with its
+    stderr."""
+    children = [
+        subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    outputs = []
+    for child in children:
+        out, err = child.communicate(timeout=timeout)
+        if child.returncode != 0:
+            raise BenchError(f"load generator failed (status {child.returncode}):\n{err}")
+        outputs.append(json.loads(out))
+    return outputs
+
+
 # --- results -----------------------------------------------------------------------------------
 
 

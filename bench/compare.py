@@ -38,8 +38,10 @@ from common import (
     managed,
     median,
     run_dir,
+    run_generators,
     run_main,
     server_config,
+    split_evenly,
     table,
     tree_cpu_seconds,
     venv_python,
@@ -105,34 +107,24 @@ def one_round(builds: list[Build], args: argparse.Namespace) -> list[tuple[int, 
     sinks_before = [b.sink.messages() for b in builds]
     cpu_before = [tree_cpu_seconds(b.server.pid) for b in builds]
     procs = max(1, min(args.procs, args.concurrency))
-    shares = [args.concurrency // procs + (i < args.concurrency % procs) for i in range(procs)]
-    children = [
-        subprocess.Popen(
-            [
-                venv_python(),
-                __file__,
-                "--generate",
-                addresses,
-                "--concurrency",
-                str(share),
-                "--duration",
-                str(args.duration),
-                "--offset",
-                str(i),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, share in enumerate(shares)
+    commands = [
+        [
+            venv_python(),
+            __file__,
+            "--generate",
+            addresses,
+            "--concurrency",
+            str(share),
+            "--duration",
+            str(args.duration),
+            "--offset",
+            str(i),
+        ]
+        for i, share in enumerate(split_evenly(args.concurrency, procs))
     ]
     sessions: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    for child in children:
-        stdout, stderr = child.communicate(timeout=args.duration + SESSION_TIMEOUT + 30)
-        if child.returncode != 0:
-            raise BenchError(f"load generator failed (status {child.returncode}):\n{stderr}")
-        result = json.loads(stdout)
+    for result in run_generators(commands, timeout=args.duration + SESSION_TIMEOUT + 30):
         sessions.update(result["sessions"])
         errors.update(result["errors"])
     if errors:

@@ -32,23 +32,26 @@ MAX_LINE = 4096
 class FloorProtocol(asyncio.Protocol):
     """One SMTP session. Command lines are answered as they complete, pipelined or not."""
 
+    greeting = GREETING
+
     def __init__(self, sslctx: ssl.SSLContext | None) -> None:
         self.sslctx = sslctx
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.in_data = False
-        self.upgrading = False
+        # While busy, input is only buffered: a TLS handshake (or a subclass's reply) is owed.
+        self.busy = False
         self.tls_active = False
         self.tls_task: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(GREETING)
+        self.transport.write(self.greeting)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if not self.upgrading:
+        if not self.busy:
             self._process()
 
     def eof_received(self) -> bool | None:
@@ -94,7 +97,7 @@ class FloorProtocol(asyncio.Protocol):
                 # until start_tls has taken over the socket, so the ClientHello waits for it.
                 buf.clear()
                 transport.pause_reading()
-                self.upgrading = True
+                self.busy = True
                 self.tls_task = asyncio.ensure_future(self._start_tls())
                 return
             elif verb == b"QUIT":
@@ -118,7 +121,7 @@ class FloorProtocol(asyncio.Protocol):
             return
         self.transport = new_transport
         self.tls_active = True
-        self.upgrading = False
+        self.busy = False
         # The client's first command may have arrived with its last handshake message.
         if self.buf:
             self._process()
@@ -145,7 +148,10 @@ def install_loop(kind: str) -> str:
     return "asyncio"
 
 
-async def serve(host: str, port: int, sslctx: ssl.SSLContext | None, reuse_port: bool) -> None:
+async def serve(
+    host: str, port: int, factory: Callable[[], asyncio.Protocol], reuse_port: bool
+) -> None:
+    """Serve `factory`'s protocol on host:port until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
 
@@ -155,13 +161,7 @@ async def serve(host: str, port: int, sslctx: ssl.SSLContext | None, reuse_port:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop)
-    server = await loop.create_server(
-        lambda: FloorProtocol(sslctx),
-        host,
-        port,
-        reuse_port=reuse_port,
-        backlog=1024,
-    )
+    server = await loop.create_server(factory, host, port, reuse_port=reuse_port, backlog=1024)
     async with server:
         await stop
 
@@ -170,11 +170,28 @@ def run_worker(args: argparse.Namespace, reuse_port: bool) -> None:
     install_loop(args.loop)
     sslctx = server_context(args.cert, args.key) if args.cert else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, sslctx, reuse_port))
+        asyncio.run(serve(args.host, args.port, lambda: FloorProtocol(sslctx), reuse_port))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Bare asyncio+ssl SMTP floor server (no relay).")
+    args = parse_server_args(parser, argv)
+
+    loop_name = install_loop(args.loop)
+    tls = "STARTTLS" if args.cert else "no TLS"
+    print(
+        f"floor listening on {args.host}:{args.port} ({tls}, workers={args.workers}, "
+        f"loop={loop_name}, pid={os.getpid()})",
+        flush=True,
+    )
+    return fork_workers(args, run_worker, "floor")
+
+
+def parse_server_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """The options every bench server takes (listen address, certificate, workers, loop) plus
+    what `parser` already has; parser errors for combinations that cannot work."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cert", help="PEM certificate; without it STARTTLS is not offered")
@@ -186,15 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cert and --key go together")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-
-    loop_name = install_loop(args.loop)
-    tls = "STARTTLS" if args.cert else "no TLS"
-    print(
-        f"floor listening on {args.host}:{args.port} ({tls}, workers={args.workers}, "
-        f"loop={loop_name}, pid={os.getpid()})",
-        flush=True,
-    )
-    return fork_workers(args, run_worker, "floor")
+    return args
 
 
 def fork_workers(

@@ -18,18 +18,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import ssl
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import cast
 
-from floor import END_OF_DATA, MAX_LINE, fork_workers, install_loop, server_context
+from floor import (
+    EHLO_PLAIN,
+    EHLO_TLS,
+    END_OF_DATA,
+    MAX_LINE,
+    FloorProtocol,
+    fork_workers,
+    install_loop,
+    parse_server_args,
+    serve,
+    server_context,
+)
 
-GREETING = b"220 lean.bench.test ESMTP lean relay\r\n"
-EHLO_TLS = b"250-lean.bench.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
-EHLO_PLAIN = b"250-lean.bench.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
 RECEIVED = (
     b"Received: from client by lean.bench.test with ESMTPS; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
 )
@@ -108,33 +115,20 @@ class Pool:
             self.idle.append(link)
 
 
-class LeanRelay(asyncio.Protocol):
-    """One inbound session. `busy` stops command processing while a reply is owed."""
+class LeanRelay(FloorProtocol):
+    """One inbound session: the floor's, with MAIL, RCPT, DATA and the message relayed. `busy`
+    also covers the wait for the upstream's reply."""
+
+    greeting = b"220 lean.bench.test ESMTP lean relay\r\n"
 
     def __init__(self, sslctx: ssl.SSLContext | None, pool: Pool) -> None:
-        self.sslctx, self.pool = sslctx, pool
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.busy = False
-        self.in_data = False
-        self.tls_active = False
+        super().__init__(sslctx)
+        self.pool = pool
         self.mail = b""
         self.mail_reply: list[bytes | None] = []  # the upstream's reply to the pipelined MAIL
         self.link: Upstream | None = None
         self.in_transaction = False
         self.tasks: set[asyncio.Task[None]] = set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(GREETING)
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.busy:
-            self._process()
-
-    def eof_received(self) -> bool | None:
-        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         link, self.link = self.link, None
@@ -204,7 +198,7 @@ class LeanRelay(asyncio.Protocol):
                 buf.clear()
                 transport.pause_reading()
                 self.busy = True
-                self._spawn(self._start_tls())
+                self._spawn(self._start_tls())  # the floor's
             elif verb == b"QUIT":
                 transport.write(b"221 2.0.0 Bye\r\n")
                 transport.close()
@@ -267,64 +261,20 @@ class LeanRelay(asyncio.Protocol):
 
         link.command(RECEIVED + message, said)
 
-    async def _start_tls(self) -> None:
-        transport = self.transport
-        assert transport is not None and self.sslctx is not None
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, self.sslctx, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError):
-            transport.abort()
-            return
-        if new is None:
-            return
-        self.transport = new
-        self.tls_active = True
-        self.busy = False
-        if self.buf:
-            self._process()
-
-
-async def serve(args: argparse.Namespace, reuse_port: bool) -> None:
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[None] = loop.create_future()
-
-    def request_stop() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop)
-    host, _, port = args.upstream.rpartition(":")
-    pool = Pool(host, int(port))
-    sslctx = server_context(args.cert, args.key) if args.cert else None
-    server = await loop.create_server(
-        lambda: LeanRelay(sslctx, pool), args.host, args.port, reuse_port=reuse_port, backlog=1024
-    )
-    async with server:
-        await stop
-
 
 def run_worker(args: argparse.Namespace, reuse_port: bool) -> None:
     install_loop(args.loop)
+    host, _, port = args.upstream.rpartition(":")
+    pool = Pool(host, int(port))
+    sslctx = server_context(args.cert, args.key) if args.cert else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args, reuse_port))
+        asyncio.run(serve(args.host, args.port, lambda: LeanRelay(sslctx, pool), reuse_port))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Floor server plus a bare in-session relay.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the upstream")
-    parser.add_argument("--cert", help="PEM certificate; without it STARTTLS is not offered")
-    parser.add_argument("--key", help="PEM private key for --cert")
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    args = parser.parse_args(argv)
-    if bool(args.cert) != bool(args.key):
-        parser.error("--cert and --key go together")
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
+    args = parse_server_args(parser, argv)
     print(f"lean relay on {args.host}:{args.port} -> {args.upstream}", flush=True)
     return fork_workers(args, run_worker, "lean relay")
 

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,8 +44,10 @@ from common import (
     managed,
     median,
     run_dir,
+    run_generators,
     run_main,
     server_config,
+    split_evenly,
     table,
     tree_cpu_seconds,
     venv_python,
@@ -273,40 +274,30 @@ def load(
     """One measured run: spawn the generator processes, collect, account CPU and delivery."""
     concurrency, duration = opts.concurrency, opts.duration
     procs = min(opts.procs, concurrency)
-    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    shares = split_evenly(concurrency, procs)
     start_at = time.time() + 0.4 + 0.1 * procs  # time for the interpreters to start
     pid = server.pid if server is not None else server_pid
     sink_before = sink.messages() if sink is not None else 0
     cpu_before = _tree_cpu(pid)
-    children = [
-        subprocess.Popen(
-            [
-                venv_python(),
-                __file__,
-                "--generate",
-                address,
-                "--concurrency",
-                str(share),
-                "--duration",
-                str(duration),
-                "--start-at",
-                repr(start_at),
-                "--loop",
-                opts.loop,
-                *(["--pipeline"] if opts.pipeline else []),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        [
+            venv_python(),
+            __file__,
+            "--generate",
+            address,
+            "--concurrency",
+            str(share),
+            "--duration",
+            str(duration),
+            "--start-at",
+            repr(start_at),
+            "--loop",
+            opts.loop,
+            *(["--pipeline"] if opts.pipeline else []),
+        ]
         for share in shares
     ]
-    outputs = []
-    for child in children:
-        out, err = child.communicate(timeout=duration + SESSION_TIMEOUT + 30)
-        if child.returncode != 0:
-            raise BenchError(f"load generator failed (status {child.returncode}):\n{err}")
-        outputs.append(json.loads(out))
+    outputs = run_generators(commands, timeout=duration + SESSION_TIMEOUT + 30)
     cpu_after = _tree_cpu(pid)
     if server is not None:
         server.check_alive()
@@ -335,7 +326,7 @@ def load(
         elapsed=elapsed,
         rate=sessions / elapsed,
         gen_cpu_s=sum(o["cpu_s"] for o in outputs),
-        gen_procs=len(children),
+        gen_procs=len(outputs),
         server_cpu_s=(
             cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
         ),
@@ -517,47 +508,19 @@ def run_servers(
     with_floor = not args.skip_floor
     with_sk = not args.floor_only
 
+    def reference(name: str, script: str, port: int, workers: int, *extra: str) -> ManagedProcess:
+        """floor.py or lean_relay.py on `port`, with the run's certificate and loop."""
+        cmd = [python, str(Path(__file__).with_name(script)), "--port", str(port), *extra]
+        cmd += ["--cert", str(cert), "--key", str(key), "--workers", str(workers)]
+        cmd += ["--loop", args.floor_loop]
+        return ManagedProcess(name, cmd, workdir / f"{script.removesuffix('.py')}.log")
+
     floor_port = free_port()
-    floor = ManagedProcess(
-        "floor",
-        [
-            python,
-            str(Path(__file__).with_name("floor.py")),
-            "--port",
-            str(floor_port),
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--workers",
-            str(args.floor_workers),
-            "--loop",
-            args.floor_loop,
-        ],
-        workdir / "floor.log",
-    )
+    floor = reference("floor", "floor.py", floor_port, args.floor_workers)
     lean_sink = Sink(free_port(), workdir / "lean-smtp-sink.log")
     lean_port = free_port()
-    lean = ManagedProcess(
-        "lean relay",
-        [
-            python,
-            str(Path(__file__).with_name("lean_relay.py")),
-            "--port",
-            str(lean_port),
-            "--upstream",
-            f"127.0.0.1:{lean_sink.port}",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--workers",
-            str(args.workers),
-            "--loop",
-            args.floor_loop,
-        ],
-        workdir / "lean-relay.log",
-    )
+    upstream = f"127.0.0.1:{lean_sink.port}"
+    lean = reference("lean relay", "lean_relay.py", lean_port, args.workers, "--upstream", upstream)
     sink = Sink(free_port(), workdir / "smtp-sink.log")
     sk_port = free_port()
     data_dir = tmp / "data"
