@@ -55,6 +55,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(ca, ca_file, rsa, ecdsa, other, upstream, client, wrong_file)
 
 
+# Every rate limit of the `rate_limits` section switched off; a test turns on the one it means.
+NO_RATE_LIMITS: dict[str, Any] = {
+    "connections_per_ip": "off",
+    "connections_per_network": "off",
+    "messages_per_ip": "off",
+    "messages_per_network": "off",
+    "concurrent_per_ip": 0,
+    "concurrent_per_network": 0,
+}
+
+
 def mx_config(
     tmp_path: Path,
     certs: Certs,

@@ -7,21 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import Certs, mx_config
+from conftest import NO_RATE_LIMITS, Certs, mx_config
 from support.attempt import attempt
 from support.mx import Mx
 from support.net import RawClient
 from support.proxy import proxied_listener
 from support.upstream import RecordingUpstream
-
-OFF = {
-    "connections_per_ip": "off",
-    "connections_per_network": "off",
-    "messages_per_ip": "off",
-    "messages_per_network": "off",
-    "concurrent_per_ip": 0,
-    "concurrent_per_network": 0,
-}
 
 
 def config(tmp_path: Path, certs: Certs, port: int, **limits: Any) -> dict[str, Any]:
@@ -30,7 +21,7 @@ def config(tmp_path: Path, certs: Certs, port: int, **limits: Any) -> dict[str, 
         certs,
         upstream_port=port,
         listeners=proxied_listener(),
-        rate_limits=OFF | limits,
+        rate_limits=NO_RATE_LIMITS | limits,
     )
 
 

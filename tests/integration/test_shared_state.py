@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from conftest import Certs, mx_config
+from conftest import NO_RATE_LIMITS, Certs, mx_config
 from support.attempt import attempt
 from support.load import MxProcess
 from support.net import RawClient
@@ -20,20 +20,11 @@ from support.proxy import proxied_listener
 from support.redis_server import RedisServer
 from support.upstream import RecordingUpstream
 
-NO_LIMITS = {
-    "connections_per_ip": "off",
-    "connections_per_network": "off",
-    "messages_per_ip": "off",
-    "messages_per_network": "off",
-    "concurrent_per_ip": 0,
-    "concurrent_per_network": 0,
-}
-
 
 def host_config(tmp_path: Path, certs: Certs, upstream: int, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "greylist": {"enabled": True, "delay": "1s", "auto_pass_accepted": 0},
-        "rate_limits": NO_LIMITS,
+        "rate_limits": NO_RATE_LIMITS,
         "pass_cache": {"enabled": False},
     }
     return mx_config(
@@ -83,7 +74,7 @@ def test_greylisted_on_one_host_is_accepted_on_retry_at_the_other(
 
 
 def test_rate_limits_are_counted_across_hosts(tmp_path: Path, certs: Certs) -> None:
-    limits = NO_LIMITS | {"connections_per_ip": "3/1m"}
+    limits = NO_RATE_LIMITS | {"connections_per_ip": "3/1m"}
     with (
         RedisServer(tmp_path / "redis") as redis,
         RecordingUpstream() as up,
@@ -95,7 +86,7 @@ def test_rate_limits_are_counted_across_hosts(tmp_path: Path, certs: Certs) -> N
 
 
 def test_concurrency_caps_are_counted_across_hosts(tmp_path: Path, certs: Certs) -> None:
-    limits = NO_LIMITS | {"concurrent_per_ip": 1}
+    limits = NO_RATE_LIMITS | {"concurrent_per_ip": 1}
     with (
         RedisServer(tmp_path / "redis") as redis,
         RecordingUpstream() as up,
@@ -110,7 +101,7 @@ def test_concurrency_caps_are_counted_across_hosts(tmp_path: Path, certs: Certs)
 def test_workers_of_one_host_share_the_sqlite_store(tmp_path: Path, certs: Certs) -> None:
     """Two SO_REUSEPORT workers, one state file: a retry passes whichever worker takes it, and
     a rate limit counts every worker's connections."""
-    limits = NO_LIMITS | {"connections_per_ip": "20/1m"}
+    limits = NO_RATE_LIMITS | {"connections_per_ip": "20/1m"}
     with RecordingUpstream() as up:
         config = host_config(tmp_path, certs, up.port, workers=2, rate_limits=limits)
         with MxProcess(tmp_path, config) as mx:
