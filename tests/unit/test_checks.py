@@ -56,6 +56,7 @@ class _Slow:
     name = "slow"
     stage = Stage.HELO
     cost = 5
+    local = False
 
     async def run(self, ctx: CheckContext) -> Sequence[Finding]:
         await asyncio.sleep(10)
@@ -66,6 +67,7 @@ class _Broken:
     name = "broken"
     stage = Stage.HELO
     cost = 2
+    local = False
 
     async def run(self, ctx: CheckContext) -> Sequence[Finding]:
         raise RuntimeError("resolver exploded")
@@ -87,6 +89,20 @@ def test_pipeline_turns_timeouts_and_errors_into_findings() -> None:
     assert result.tempfail is None
     assert not pipeline.has(Stage.DATA)
     assert asyncio.run(pipeline.run(Stage.DATA, ctx("x"))).findings == ()
+
+
+class _BrokenLocal(_Broken):
+    name = "broken-local"
+    local = True
+
+
+def test_a_local_check_that_raises_is_a_finding_too() -> None:
+    # Local checks run without a timer; their errors still become findings and tempfails.
+    pipeline = Pipeline([(_BrokenLocal(), CheckSettings(on_error="tempfail"))])
+    result = asyncio.run(pipeline.run(Stage.HELO, ctx("mail.sender.example")))
+    assert [f.symbol for f in result.findings] == ["CHECK_ERROR"]
+    assert result.findings[0].detail.startswith("broken-local: RuntimeError(")
+    assert result.tempfail == "broken-local: error"
 
 
 def test_on_error_tempfail_makes_the_verdict_a_tempfail() -> None:

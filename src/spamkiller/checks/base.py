@@ -57,11 +57,13 @@ class CheckContext:
 
 
 class Check(Protocol):
-    """One check. `cost` orders checks of a stage: cheap local ones first, DNS next."""
+    """One check. `cost` orders checks of a stage: cheap local ones first, DNS next. A `local`
+    check never waits on I/O (it reads only the context), so it runs without a timer."""
 
     name: str
     stage: Stage
     cost: int
+    local: bool
 
     async def run(self, ctx: CheckContext) -> Sequence[Finding]: ...
 

@@ -38,6 +38,7 @@ class Zone:
 class DnsblCheck:
     name = "dnsbl"
     stage = Stage.CONNECT
+    local = False
     cost = 10  # DNS: after the local checks
 
     def __init__(self, resolver: Resolver, zones: Sequence[Zone]) -> None:

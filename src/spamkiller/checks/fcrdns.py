@@ -22,6 +22,7 @@ MAX_NAMES = 10
 class FcrdnsCheck:
     name = "fcrdns"
     stage = Stage.CONNECT
+    local = False
     cost = 10
 
     def __init__(self, resolver: Resolver) -> None:

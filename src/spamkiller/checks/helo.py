@@ -25,6 +25,7 @@ class HeloCheck:
     name = "helo"
     stage = Stage.HELO
     cost = 1
+    local = True
 
     async def run(self, ctx: CheckContext) -> Sequence[Finding]:
         helo = ctx.helo or ""
