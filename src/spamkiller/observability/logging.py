@@ -3,8 +3,8 @@
 Written straight to a stream rather than through `logging`: two lines per message on the hot path
 must cost microseconds. Inside an event loop, lines written during one loop iteration are flushed
 together at its end (one write instead of one per line; nothing waits longer than that). Values are
-sanitised (no CR/LF/control characters) so a client cannot forge a log line through its HELO name
-or an address.
+sanitised (every character that is not printable becomes a space) so a client cannot forge a log
+line through its HELO name or an address.
 """
 
 from __future__ import annotations
@@ -12,16 +12,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import TextIO
 
-_UNSAFE = {c: " " for c in range(32)} | {127: " "}
+# A value written as it is: printable ASCII but for space and '"'. Anything else takes _quoted.
+_BARE = re.compile(r"[!#-~]+").fullmatch
 
 
-def _clean(value: object) -> str:
-    return str(value).translate(_UNSAFE)
+def _quoted(text: str) -> str:
+    """Every character that is not printable (CR, LF, ESC, U+2028, ...) becomes a space, so no
+    value can start a line of its own; a value that is empty, spaced or quoted is quoted."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    if not text or " " in text or '"' in text:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 class EventLog:
@@ -51,17 +59,9 @@ class EventLog:
         else:
             parts = [f"{self._now()} sk[{self._pid}]: {sid}: {event}"]
             for key, value in fields.items():
-                if value is None:
-                    continue
-                if isinstance(value, int):
-                    parts.append(f"{key}={value}")
-                    continue
-                clean = str(value)
-                if not clean.isprintable():
-                    clean = _clean(clean)
-                if not clean or " " in clean or '"' in clean:
-                    clean = '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                parts.append(f"{key}={clean}")
+                if value is not None:
+                    text = value if value.__class__ is str else str(value)
+                    parts.append(f"{key}={text if _BARE(text) else _quoted(text)}")
             text = " ".join(parts)
         self._pending.append(text)
         if len(self._pending) == 1:
