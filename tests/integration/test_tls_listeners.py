@@ -7,6 +7,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,37 @@ def test_openssl_s_client_starttls(tmp_path: Path, certs: Certs) -> None:
             )
             assert out.returncode != 0
             assert "Protocol version" not in (out.stdout + out.stderr).decode()
+
+
+def s_client_session(port: int, ca_file: Path, *session: str) -> str:
+    """One `openssl s_client -starttls smtp` session that waits a moment for the server's
+    post-handshake messages before it says QUIT; its whole output."""
+    command = ["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}"]
+    client = subprocess.Popen(
+        [*command, "-CAfile", str(ca_file), "-tls1_3", *session],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(0.5)
+        out, _ = client.communicate(b"QUIT\r\n", timeout=20)
+    finally:
+        client.kill()
+    return out.decode(errors="replace")
+
+
+def test_one_tls_1_3_ticket_per_handshake_and_it_resumes(tmp_path: Path, certs: Certs) -> None:
+    saved = tmp_path / "session.pem"
+    with (
+        RecordingUpstream() as up,
+        Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=up.port)) as mx,
+    ):
+        first = s_client_session(mx.port(), certs.ca_file, "-sess_out", str(saved))
+        assert "New, TLSv1.3" in first
+        assert first.count("Post-Handshake New Session Ticket arrived") == 1, first
+        again = s_client_session(mx.port(), certs.ca_file, "-sess_in", str(saved))
+        assert "Reused, TLSv1.3" in again, again
 
 
 def test_swaks_delivers_over_starttls(tmp_path: Path, certs: Certs) -> None:

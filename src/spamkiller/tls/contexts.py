@@ -7,7 +7,8 @@ Rules this module keeps:
   guideline's nine ECDHE/DHE AEAD suites; TLS 1.3 suites are OpenSSL's defaults (the guideline's
   three). The client picks the suite (the guideline turns server preference off: every allowed
   suite is strong, and clients know best whether they have AES hardware). Compression and
-  renegotiation are off; session tickets stay on (cheap resumption for busy senders).
+  renegotiation are off; session tickets stay on (cheap resumption for busy senders), one per
+  TLS 1.3 handshake as Postfix does.
 - The DHE suites need finite-field parameters, which Python cannot ask OpenSSL to choose by
   itself; we load the RFC 7919 ``ffdhe2048`` group the guideline names, computed from the RFC's
   formula rather than pasted as an opaque blob.
@@ -359,6 +360,10 @@ class ServerTls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             _harden(context, floor)
             _load_dh(context)
+            # One TLS 1.3 ticket per full handshake, as Postfix issues: a mail client resumes one
+            # session per destination; OpenSSL's default of two serves browsers that open
+            # connections in parallel, and the second costs every handshake its crypto and bytes.
+            context.num_tickets = 1
             # Every context gets the same client-certificate settings: when the SNI callback
             # switches contexts, OpenSSL keeps the verify mode of the first but takes the trust
             # store of the new one.
