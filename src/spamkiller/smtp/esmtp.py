@@ -29,6 +29,9 @@ class MailParams:
     smtputf8: bool = False
 
 
+NO_PARAMS = MailParams()  # MAIL without parameters; shared, as the params are immutable
+
+
 def _split(arg: str, keyword: str) -> tuple[str, list[str]]:
     """Split "FROM:<path> P1 P2" into the path and the parameters."""
     if arg[: len(keyword)].upper() != keyword:
@@ -93,6 +96,8 @@ def parse_mail(arg: str, *, max_size: int) -> tuple[Address | None, MailParams]:
         address = parse_path(path, utf8=smtputf8, allow_null=True)
     except AddressError as exc:
         raise ParameterError(501, "5.1.7", f"Bad sender address: {exc}") from None
+    if not params:
+        return address, NO_PARAMS
     return address, MailParams(size=size, body=body, smtputf8=smtputf8)
 
 

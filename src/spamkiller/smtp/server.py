@@ -29,7 +29,7 @@ import re
 from spamkiller.errors import LocalProtocolError
 from spamkiller.smtp import replies
 from spamkiller.smtp.address import Address
-from spamkiller.smtp.esmtp import MailParams, ParameterError, parse_mail, parse_rcpt
+from spamkiller.smtp.esmtp import NO_PARAMS, ParameterError, parse_mail, parse_rcpt
 from spamkiller.smtp.events import (
     NEED_DATA,
     Answer,
@@ -117,7 +117,7 @@ class ServerSession:
         self.state = State.START
         self.helo_name: str | None = None
         self.esmtp = False
-        self.mail_params = MailParams()
+        self.mail_params = NO_PARAMS
         self.recipients = 0
         self.bad_commands = 0
         # Plaintext octets the client sent after STARTTLS, dropped unread (RFC 3207 4.2).
@@ -257,7 +257,7 @@ class ServerSession:
             self._buf.clear()
 
     def _reset_transaction(self) -> None:
-        self.mail_params = MailParams()
+        self.mail_params = NO_PARAMS
         self.recipients = 0
         self._bdat_buf = bytearray()
         self._bdat_size = 0

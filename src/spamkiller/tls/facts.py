@@ -52,8 +52,8 @@ class TlsFacts:
 
     @classmethod
     def plaintext(cls, *, starttls_offered: bool) -> TlsFacts:
-        """Facts for a session without TLS."""
-        return cls(began=TlsStart.NONE, starttls_offered=starttls_offered)
+        """Facts for a session without TLS (two shared instances: the facts are immutable)."""
+        return _PLAINTEXT[starttls_offered]
 
     @classmethod
     def from_ssl_object(
@@ -103,3 +103,8 @@ class TlsFacts:
             return ""
         bits = "" if self.bits is None else f" ({self.bits}/{self.bits} bits)"
         return f"(using {self.version or 'unknown'} with cipher {self.cipher or 'unknown'}{bits})"
+
+
+_PLAINTEXT = {
+    offered: TlsFacts(began=TlsStart.NONE, starttls_offered=offered) for offered in (False, True)
+}
