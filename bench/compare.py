@@ -5,7 +5,7 @@ most changes to the session path are worth. Here every client loop alternates be
 (a git revision, default HEAD) and build B (the work tree), so both see the same machine at the
 same instant, and the figure that matters is B's server CPU per session over A's:
 
-    python bench/compare.py [--ref HEAD~1] [--rounds 5] [--duration 4] [--workers 1]
+    python bench/compare.py [--ref HEAD~1] [--rounds 5] [--duration 4] [--workers 1] [--pipeline]
     python bench/compare.py --ref HEAD --a-python /other/venv/bin/python   # two interpreters
 
 Each build runs as `spam-killer run` with its own listener and its own smtp-sink (every message
@@ -53,7 +53,7 @@ from starttls import SESSION_TIMEOUT, SmtpReplyError, build_message, client_cont
 
 
 async def generate(
-    targets: list[str], concurrency: int, duration: float, offset: int
+    targets: list[str], concurrency: int, duration: float, offset: int, pipeline: bool
 ) -> dict[str, dict[str, int]]:
     """Session loops that take the targets in turn; counts per target."""
     ctx: ssl.SSLContext = client_context()
@@ -70,7 +70,7 @@ async def generate(
             host, _, port = address.rpartition(":")
             try:
                 async with asyncio.timeout(SESSION_TIMEOUT):
-                    if await one_session(host, int(port), ctx, message, False):
+                    if await one_session(host, int(port), ctx, message, pipeline):
                         sessions[address] += 1
             except (OSError, ssl.SSLError, SmtpReplyError, TimeoutError) as exc:
                 errors[f"{address}: {type(exc).__name__}: {exc}"[:160]] += 1
@@ -88,7 +88,9 @@ def child_main(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     targets = args.generate.split(",")
-    result = asyncio.run(generate(targets, args.concurrency, args.duration, args.offset))
+    result = asyncio.run(
+        generate(targets, args.concurrency, args.duration, args.offset, args.pipeline)
+    )
     print(json.dumps(result))
     return 0
 
@@ -119,6 +121,7 @@ def one_round(builds: list[Build], args: argparse.Namespace) -> list[tuple[int, 
             str(args.duration),
             "--offset",
             str(i),
+            *(["--pipeline"] if args.pipeline else []),
         ]
         for i, share in enumerate(split_evenly(args.concurrency, procs))
     ]
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--procs", type=int, default=2, help="generator processes")
     parser.add_argument("--workers", type=int, default=1, help="workers of each build")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="send MAIL, RCPT and DATA in one write"
+    )
     parser.add_argument(
         "--a-python",
         help="interpreter for build A (a venv's python with the dependencies; default: .venv's)",
