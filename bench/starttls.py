@@ -509,11 +509,16 @@ def run_servers(
     with_sk = not args.floor_only
 
     def reference(name: str, script: str, port: int, workers: int, *extra: str) -> ManagedProcess:
-        """floor.py or lean_relay.py on `port`, with the run's certificate and loop."""
-        cmd = [python, str(Path(__file__).with_name(script)), "--port", str(port), *extra]
-        cmd += ["--cert", str(cert), "--key", str(key), "--workers", str(workers)]
-        cmd += ["--loop", args.floor_loop]
-        return ManagedProcess(name, cmd, workdir / f"{script.removesuffix('.py')}.log")
+        return reference_server(
+            name,
+            script,
+            port,
+            *extra,
+            workers=workers,
+            tls_cert=(cert, key),
+            loop=args.floor_loop,
+            workdir=workdir,
+        )
 
     floor_port = free_port()
     floor = reference("floor", "floor.py", floor_port, args.floor_workers)
@@ -630,6 +635,23 @@ def run_servers(
         print(f"FAILED SESSIONS: {failed}; the errors are in {path}", file=sys.stderr)
         return 1
     return 0
+
+
+def reference_server(
+    name: str,
+    script: str,
+    port: int,
+    *extra: str,
+    workers: int,
+    tls_cert: tuple[Path, Path],
+    loop: str,
+    workdir: Path,
+) -> ManagedProcess:
+    """bench/floor.py or bench/lean_relay.py on `port`, with the run's certificate and loop."""
+    cert, key = tls_cert
+    cmd = [venv_python(), str(Path(__file__).with_name(script)), "--port", str(port), *extra]
+    cmd += ["--cert", str(cert), "--key", str(key), "--workers", str(workers), "--loop", loop]
+    return ManagedProcess(name, cmd, workdir / f"{script.removesuffix('.py')}.log")
 
 
 def warn_generator(rows: list[dict[str, Any]], procs: int) -> None:
