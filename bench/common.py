@@ -151,6 +151,24 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def tree_runtime_seconds(root: int) -> float:
+    """CPU time of the live threads of a process and its live descendants, in nanoseconds from
+    /proc/<pid>/task/<tid>/schedstat: for short spans, where 10 ms ticks are too coarse. Reaped
+    descendants are not counted, so it suits servers whose processes outlive the measurement."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tasks:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return total / 1e9
+
+
 def children_rusage_seconds() -> float:
     """User+system CPU of this process's reaped children so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

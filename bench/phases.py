@@ -9,10 +9,10 @@ servers in turn, in four shapes:
     starttls         EHLO, STARTTLS, EHLO, QUIT (TLS 1.3, RSA-2048)
     starttls + mail  the whole session of bench/starttls.py
 
-and reports each server's CPU per session (its process tree, from /proc). The differences between
-the shapes are the cost of a session's setup, of one relayed transaction, and of TLS. With one
-session at a time nothing is batched, so the figures are higher than under load; the differences
-between servers are what this is for.
+and reports each server's CPU per session: the run time of its process tree's threads, from
+/proc schedstat, in nanoseconds. The differences between the shapes are the cost of a session's
+setup, of one relayed transaction, and of TLS. With one session at a time nothing is batched, so
+the figures are higher than under load; the differences between servers are what this is for.
 
     python bench/phases.py [--sessions 2000] [--rounds 5]
 """
@@ -38,7 +38,7 @@ from common import (
     run_main,
     server_config,
     table,
-    tree_cpu_seconds,
+    tree_runtime_seconds,
     wait_smtp_ready,
     write_config,
     write_results,
@@ -93,39 +93,38 @@ class Client:
 def measure(
     servers: list[tuple[str, int, ManagedProcess]], sessions: int, rounds: int
 ) -> dict[str, dict[str, float]]:
-    """shape -> server -> CPU ms per session, the servers taken in turn, round by round."""
+    """shape -> server -> CPU ms per session. Every round runs every shape on every server, so
+    a slow spell of the machine falls on all of them, not on one shape."""
     tls = client_context()
     message = build_message()
     per_round = max(1, sessions // rounds)
-    out: dict[str, dict[str, float]] = {}
-    for shape, starttls, mail in SHAPES:
-        body = message if mail else None
 
-        def run(
-            port: int, count: int, starttls: bool = starttls, body: bytes | None = body
-        ) -> None:
-            for _ in range(count):
-                Client(port, tls).session(starttls=starttls, message=body)
+    def run(port: int, count: int, starttls: bool, mail: bool) -> None:
+        for _ in range(count):
+            Client(port, tls).session(starttls=starttls, message=message if mail else None)
 
-        cpu = {name: 0.0 for name, _, _ in servers}
+    for _shape, starttls, mail in SHAPES:  # warm-up, not counted
         for _name, port, _proc in servers:
-            run(port, 20)  # warm-up, not counted
-        for _ in range(rounds):
+            run(port, 20, starttls, mail)
+    cpu = {shape: {name: 0.0 for name, _, _ in servers} for shape, _, _ in SHAPES}
+    for i in range(rounds):
+        for shape, starttls, mail in SHAPES:
             for name, port, proc in servers:
-                cpu[name] += timed(proc, lambda port=port: run(port, per_round))
-        out[shape] = {name: 1000.0 * spent / (per_round * rounds) for name, spent in cpu.items()}
-        print(
-            f"  {shape:16} " + "  ".join(f"{name} {fmt(ms, 3)}" for name, ms in out[shape].items()),
-            flush=True,
-        )
-    return out
+                cpu[shape][name] += timed(proc, run, port, per_round, starttls, mail)
+        print(f"  round {i + 1}/{rounds}", flush=True)
+    count = per_round * rounds
+    return {
+        shape: {name: 1000.0 * spent / count for name, spent in row.items()}
+        for shape, row in cpu.items()
+    }
 
 
-def timed(proc: ManagedProcess, work: Callable[[], None]) -> float:
-    before = tree_cpu_seconds(proc.pid)
-    work()
+def timed(proc: ManagedProcess, work: Callable[..., None], *args: object) -> float:
+    """CPU seconds `proc`'s process tree spent while `work(*args)` ran."""
+    before = tree_runtime_seconds(proc.pid)
+    work(*args)
     proc.check_alive()
-    return tree_cpu_seconds(proc.pid) - before
+    return tree_runtime_seconds(proc.pid) - before
 
 
 def report(figures: dict[str, dict[str, float]], names: list[str]) -> None:
