@@ -23,6 +23,7 @@ from spamkiller.smtp.events import NEED_DATA, ConnectionClosed
 from spamkiller.smtp.limits import Limits
 from spamkiller.smtp.replies import Reply
 from spamkiller.smtp.states import State
+from spamkiller.timers import Wakeup
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,7 +47,9 @@ class _Link(asyncio.Protocol):
     def __init__(self, session: ClientSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        # One lazily re-armed timer for all the reply waits of this link (a pooled link waits
+        # for several replies per message).
+        self._wakeup = Wakeup(asyncio.get_running_loop())
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -68,11 +71,10 @@ class _Link(asyncio.Protocol):
         self.lost = True
         self.session.receive_data(b"")
         self._wake()
+        self._wakeup.close()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wakeup.wake()
 
     async def reply(self, timeout: float) -> Reply:
         """The next reply, or UpstreamUnavailable on timeout, EOF or a malformed reply."""
@@ -86,24 +88,13 @@ class _Link(asyncio.Protocol):
             if isinstance(reply, ConnectionClosed) or self.lost:
                 raise UpstreamUnavailable("upstream closed the connection")
             assert reply is NEED_DATA
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            if not await self._wakeup.wait(timeout):
+                raise UpstreamUnavailable("upstream timed out")
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.lost or self.transport.is_closing():
             raise UpstreamUnavailable("upstream connection is closed")
         self.transport.write(data)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamUnavailable("upstream timed out"))
 
 
 class UpstreamSession:
