@@ -45,8 +45,12 @@ from common import (
 )
 from starttls import build_message, client_context, reference_server
 
-SHAPES = (("plain", False, False), ("plain + mail", False, True))
-SHAPES += (("starttls", True, False), ("starttls + mail", True, True))
+SHAPES = (  # name, STARTTLS, a message
+    ("plain", False, False),
+    ("plain + mail", False, True),
+    ("starttls", True, False),
+    ("starttls + mail", True, True),
+)
 
 
 class Client:
@@ -134,9 +138,9 @@ def report(figures: dict[str, dict[str, float]], names: list[str]) -> None:
         ("one transaction", lambda f: f["plain + mail"] - f["plain"]),
         ("TLS: starttls - plain", lambda f: f["starttls"] - f["plain"]),
     )
+    columns = {n: {shape: figures[shape][n] for shape in figures} for n in names}
     for label, part in parts:
-        values = {n: part({shape: figures[shape][n] for shape in figures}) for n in names}
-        rows.append([label, *(fmt(values[n], 3) for n in names)])
+        rows.append([label, *(fmt(part(columns[n]), 3) for n in names)])
     print(table(["server CPU ms/session", *names], rows))
 
 
@@ -171,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             str(write_config(workdir / "sk.yaml", config)),
         ]
         sk = ManagedProcess("spam-killer", sk_cmd, workdir / "spam-killer.log")
-        servers = [("floor", floor_port, floor), ("lean relay", lean_port, lean)]
-        servers.append(("spam-killer", sk_port, sk))
+        servers = [
+            ("floor", floor_port, floor),
+            ("lean relay", lean_port, lean),
+            ("spam-killer", sk_port, sk),
+        ]
         print(f"{args.sessions} sessions per shape and server, one at a time; logs: {workdir}")
         with managed(floor, lean_sink, lean, sink, sk):
             for proc in (floor, lean_sink, lean, sink, sk):
