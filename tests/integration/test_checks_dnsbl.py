@@ -75,6 +75,7 @@ def test_dns_failure_follows_on_error(tmp_path: Path, certs: Certs, dns: DnsServ
         accept = config(tmp_path, certs, dns, up.port, **zones)
         with Mx(tmp_path, accept) as mx:
             assert transaction(mx.port(), "203.0.113.66").startswith(b"250 ")
+            assert mx.log.wait_for(": disconnect ")
             assert not mx.log.find("reject")  # scored 0 by default: the failure passes as unlisted
         (tmp_path / "b").mkdir()
         tempfail = config(tmp_path / "b", certs, dns, up.port, on_error="tempfail", **zones)

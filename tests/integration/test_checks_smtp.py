@@ -91,5 +91,6 @@ def test_disabled_check_reports_nothing(tmp_path: Path, certs: Certs) -> None:
         with Mx(tmp_path, config) as mx, smtplib.SMTP("127.0.0.1", mx.port(), timeout=10) as smtp:
             smtp.ehlo("localhost")
             assert smtp.sendmail("a@sender.example", ["bob@example.com"], MESSAGE) == {}
+            assert mx.log.wait_for("status=sent")
             assert not mx.log.find("rules=")
     assert len(up.messages) == 1

@@ -260,6 +260,7 @@ def test_50_stalled_tls_handshakes_do_not_stop_a_starttls_client(
                 during = time.monotonic() - began
                 # All 50 were still stalled while the client delivered.
                 assert during < 2.5, f"took {during:.2f}s: the handshake deadline may have helped"
+                assert mx.log.wait_for("status=sent")  # written after any earlier failure
                 assert not mx.log.find("TLS handshake failed")
                 # Then the handshake deadline closes every one and releases its place.
                 for c in stalled:

@@ -79,6 +79,7 @@ def test_pass_cache_off(tmp_path: Path, certs: Certs) -> None:
         with Mx(tmp_path, cfg) as mx:
             assert attempt(mx.port(), "198.51.100.8").delivered
             assert impatient(mx.port(), "198.51.100.8").startswith(b"550 ")
+            assert len(mx.log.wait_for(": disconnect ", count=2)) == 2
             assert not mx.log.find("pass_cache=")
 
 

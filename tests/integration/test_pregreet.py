@@ -44,4 +44,5 @@ def test_a_client_that_waits_for_the_banner_is_not_scored(tmp_path: Path, certs:
             c.reply()
             c.send(ENVELOPE)
             assert c.code() == 250 and c.code() == 250
+        assert mx.log.wait_for(": disconnect ")
         assert not mx.log.find("PREGREET")

@@ -82,7 +82,7 @@ def test_message_arrives_byte_exact_with_our_received_header(tmp_path: Path, cer
         assert "for <bob@example.com>;" in text_header
         # One header: every line after the first is a continuation (starts with TAB).
         assert all(line.startswith("\t") for line in text_header.split("\r\n")[1:])
-        assert mx.log.find("status=sent", "upstream_id=UP123")
+        assert mx.log.wait_for("status=sent", "upstream_id=UP123")
 
 
 def test_plaintext_session_gets_esmtp_without_tls_clause(tmp_path: Path, certs: Certs) -> None:
@@ -325,7 +325,7 @@ def test_smtp_sink_accepts_what_we_relay(tmp_path: Path, certs: Certs) -> None:
         Mx(tmp_path, mx_config(tmp_path, certs, upstream_port=sink.port)) as mx,
     ):
         assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
-        assert mx.log.find("status=sent", f"relay=127.0.0.1[127.0.0.1]:{sink.port}")
+        assert mx.log.wait_for("status=sent", f"relay=127.0.0.1[127.0.0.1]:{sink.port}")
 
 
 @pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "rcpt", "final"])
@@ -386,7 +386,7 @@ def test_relay_uses_verified_tls(tmp_path: Path, certs: Certs) -> None:
     ):
         assert send(mx.port(), certs, ["bob@example.com"])[0] == 250
         assert up.messages[0].tls
-        assert mx.log.find("status=sent", "relay_tls=TLSv1.3/")
+        assert mx.log.wait_for("status=sent", "relay_tls=TLSv1.3/")
 
 
 @pytest.mark.parametrize("problem", ["wrong-ca", "wrong-name", "expired", "no-starttls"])
@@ -417,7 +417,7 @@ def test_upstream_tls_failures_give_4xx_and_no_plaintext(
         assert not up.messages
         # No envelope went out in plaintext or over an unverified channel.
         assert all(b"MAIL FROM" not in raw for raw in up.raw)
-        assert mx.log.find("upstream", "status=unavailable")
+        assert mx.log.wait_for("upstream", "status=unavailable")
 
 
 def test_upstream_starttls_response_injection_is_discarded(tmp_path: Path, certs: Certs) -> None:

@@ -211,7 +211,7 @@ def test_implicit_tls_listener(tmp_path: Path, certs: Certs) -> None:
             assert smtp.sendmail("a@sender.example", ["bob@example.com"], MESSAGE) == {}
         header = up.messages[0].data.decode()
         assert "with ESMTPS" in header and "(using TLSv1.3" in header
-        assert mx.log.find("tls=TLSv1.3", "began=implicit")
+        assert mx.log.wait_for("tls=TLSv1.3", "began=implicit")
 
 
 def test_require_tls_answers_530_until_starttls(tmp_path: Path, certs: Certs) -> None:
@@ -247,7 +247,7 @@ def test_sni_picks_the_certificate_for_the_name(tmp_path: Path, certs: Certs) ->
             assert s.getpeercert()["subjectAltName"] == (("DNS", "other.test.example"),)  # type: ignore[index]
         with starttls_socket(mx.port(), ctx, "mx.test.example") as s:
             assert ("DNS", "mx.test.example") in s.getpeercert()["subjectAltName"]  # type: ignore[index]
-        assert mx.log.find("sni=other.test.example")
+        assert mx.log.wait_for("sni=other.test.example")
 
 
 def test_plaintext_pipelined_after_starttls_is_discarded(tmp_path: Path, certs: Certs) -> None:

@@ -38,10 +38,15 @@ class LogLines:
     def find(self, *needles: str) -> list[str]:
         return [line for line in list(self.lines) if all(n in line for n in needles)]
 
-    def wait_for(self, *needles: str, timeout: float = 5.0) -> list[str]:
-        """Lines written by the server thread may lag the client by a moment."""
+    def wait_for(self, *needles: str, count: int = 1, timeout: float = 5.0) -> list[str]:
+        """The lines with every needle, once there are `count` of them (or at the timeout).
+
+        The server gathers its lines for up to `FLUSH_DELAY` before writing them, so a line
+        lags the reply it goes with. A test that asserts a line is absent first waits for a
+        later line of the same session (its disconnect, say): lines are written in order.
+        """
         deadline = time.monotonic() + timeout
-        while not (found := self.find(*needles)) and time.monotonic() < deadline:
+        while len(found := self.find(*needles)) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return found
 

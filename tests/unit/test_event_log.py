@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
 import pytest
 
-from spamkiller.observability.logging import EventLog
+from spamkiller.observability.logging import FLUSH_DELAY, MAX_PENDING, EventLog
 
 
 def one_line(fields: dict[str, object], fmt: str = "text") -> str:
@@ -68,3 +69,46 @@ def test_json_lines_keep_values_exact_and_escaped() -> None:
     record = json.loads(text)
     assert record["helo"] == attack and record["size"] == 7 and "proxy" not in record
     assert record["id"] == "0123456789" and record["event"] == "connect"
+
+
+class CountingStream(io.StringIO):
+    """Counts the writes that reach the stream: each is one write(2) on a real stdout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_of_many_sessions_share_one_write_within_the_flush_delay() -> None:
+    stream = CountingStream()
+    log = EventLog(stream)
+
+    async def sessions() -> int:
+        for n in range(3):
+            log.line(f"S{n}", "connect", {"client": "[192.0.2.1]:25"})
+            await asyncio.sleep(0)  # other loop iterations: the lines still wait for each other
+        waiting = stream.writes
+        await asyncio.sleep(FLUSH_DELAY * 2)
+        return waiting
+
+    assert asyncio.run(sessions()) == 0
+    assert stream.writes == 1
+    assert [line.split(": ")[1] for line in stream.getvalue().splitlines()] == ["S0", "S1", "S2"]
+
+
+def test_a_full_batch_is_written_at_once_and_flush_writes_the_rest() -> None:
+    stream = CountingStream()
+    log = EventLog(stream)
+
+    async def burst() -> None:
+        for n in range(MAX_PENDING + 1):
+            log.line(f"{n}", "connect", {})
+
+    asyncio.run(burst())  # the loop ends before the delay: the last line is still waiting
+    assert stream.writes == 1 and stream.getvalue().count("\n") == MAX_PENDING
+    log.flush()  # what a worker does as it stops
+    assert stream.writes == 2 and stream.getvalue().count("\n") == MAX_PENDING + 1

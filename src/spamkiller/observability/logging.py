@@ -1,8 +1,9 @@
 """One key=value line per connection and per message, Postfix field names, text or JSON.
 
 Written straight to a stream rather than through `logging`: two lines per message on the hot path
-must cost microseconds. Inside an event loop, lines written during one loop iteration are flushed
-together at its end (one write instead of one per line; nothing waits longer than that). Values are
+must cost microseconds. Inside an event loop, lines are gathered for at most `FLUSH_DELAY` seconds
+(or `MAX_PENDING` lines) and written together: a busy worker makes one write for many sessions
+instead of one per loop iteration, and `flush()` at shutdown writes what is left. Values are
 sanitised (every character that is not printable becomes a space) so a client cannot forge a log
 line through its HELO name or an address.
 """
@@ -17,6 +18,9 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import TextIO
+
+FLUSH_DELAY = 0.05  # seconds a line may wait for others to share its write
+MAX_PENDING = 256  # lines that are written at once, whatever the delay
 
 # A value written as it is: printable ASCII but for space and '"'. Anything else takes _quoted.
 _BARE = re.compile(r"[!#-~]+").fullmatch
@@ -63,12 +67,15 @@ class EventLog:
                     text = value if value.__class__ is str else str(value)
                     parts.append(f"{key}={text if _BARE(text) else _quoted(text)}")
             text = " ".join(parts)
-        self._pending.append(text)
-        if len(self._pending) == 1:
+        pending = self._pending
+        pending.append(text)
+        if len(pending) == 1:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
             except RuntimeError:  # no loop: write now
                 self.flush()
+        elif len(pending) >= MAX_PENDING:
+            self.flush()  # the timer still fires; it finds nothing, or the next batch
 
     def flush(self) -> None:
         lines, self._pending = self._pending, []

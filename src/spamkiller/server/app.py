@@ -419,6 +419,7 @@ class Worker:
             await self._dev.stop()
         await self._close_store()
         self.log.line("-", "stopped", {})
+        self.log.flush()  # nothing waits for the batch timer once the worker stops
 
 
 async def _probe_state(config: Config) -> None:
@@ -460,6 +461,7 @@ def _serve(
         with contextlib.suppress(Exception):
             loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+        log.flush()  # lines still waiting for their shared write
     return 0
 
 
@@ -560,4 +562,5 @@ def _supervise(config_path: Path | None, config: Config) -> int:
         loop.run_until_complete(main())
     finally:
         loop.close()
+        log.flush()
     return 1 if failed else 0
