@@ -384,6 +384,15 @@ def test_message_must_end_with_crlf() -> None:
     assert client.message(b"") == b".\r\n"
 
 
+def test_message_with_a_header_in_front_is_one_piece_of_text() -> None:
+    client = in_data()
+    with pytest.raises(LocalProtocolError, match="header"):
+        client.message(b"body\r\n", header=b"Received: from x")  # would glue onto the body
+    assert client.state is State.DATA
+    sent = client.message(b"Subject: hi\r\n\r\nbody\r\n", header=b"Received: from x\r\n")
+    assert sent == b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n.\r\n"
+
+
 def test_message_only_after_354() -> None:
     """DATA's reply decides whether the next bytes are text or commands: text sent before the
     354 is read as commands by an upstream that refuses DATA (outbound smuggling)."""

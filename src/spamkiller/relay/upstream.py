@@ -160,7 +160,7 @@ class UpstreamSession:
         if go.code != 354:
             self.in_transaction = False
             return go
-        link.write(link.session.message(header + stuffed))
+        link.write(link.session.message(stuffed, header=header))
         try:
             return await link.reply(self._target.data_timeout)
         finally:

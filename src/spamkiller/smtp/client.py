@@ -177,15 +177,18 @@ class ClientSession:
     def data(self) -> bytes:
         return self._command(Verb.DATA)
 
-    def message(self, stuffed: bytes) -> bytes:
-        """The text after 354: dot-stuffed CRLF lines (ending in CRLF) plus the final dot."""
+    def message(self, stuffed: bytes, *, header: bytes = b"") -> bytes:
+        """The text after 354: `header` (whole CRLF lines) and the dot-stuffed CRLF lines of the
+        message (ending in CRLF), then the final dot; joined in one copy."""
         if self.state is not State.DATA:
             raise LocalProtocolError("message text only after a 354 reply to DATA")
         if stuffed and not stuffed.endswith(b"\r\n"):
             raise LocalProtocolError("message text must end with CRLF")
+        if header and not header.endswith(b"\r\n"):
+            raise LocalProtocolError("header lines must end with CRLF")
         self.state = State.READY  # whatever the reply, the transaction ends with the dot
         self._expect.append(_MESSAGE)
-        return stuffed + b".\r\n"
+        return b"".join((header, stuffed, b".\r\n"))
 
     def rset(self) -> bytes:
         return self._command(Verb.RSET)

@@ -443,10 +443,12 @@ class ServerSession:
         """Whole-message scans in C, never a Python call per line."""
         if b"\0" in body:
             return "NUL in message", replies.NUL_IN_DATA
-        crlf = body.count(b"\r\n")
-        if body.count(b"\n") != crlf:
+        # CRLF pairs cannot overlap, so what is left once they are gone is every bare CR and
+        # bare LF. One replace and two memchr scans: a third of the cost of counting each byte.
+        unpaired = body.replace(b"\r\n", b"")
+        if b"\n" in unpaired:
             return "bare LF in message", replies.BARE_LF_IN_DATA
-        if body.count(b"\r") != crlf:
+        if b"\r" in unpaired:
             return "bare CR in message", replies.BARE_CR_IN_DATA
         # Jump from line start to the last LF within one line's limit: a few `rfind`s per
         # message instead of one step per line. No LF in the window means a line is too long.
