@@ -11,8 +11,8 @@ import pytest
 
 from spamkiller.checks.base import CheckContext, Finding, Stage
 from spamkiller.checks.helo import HeloCheck
-from spamkiller.checks.pipeline import CheckSettings, Pipeline
-from spamkiller.checks.policy import Action, Thresholds, decide
+from spamkiller.checks.pipeline import NOTHING, CheckSettings, Pipeline
+from spamkiller.checks.policy import Action, Thresholds, clean_verdict, decide
 from spamkiller.checks.symbols import SYMBOLS
 from spamkiller.tls.facts import TlsFacts
 
@@ -127,3 +127,27 @@ def test_policy_scores_with_overrides_and_thresholds() -> None:
 def test_docs_list_every_symbol_with_its_weight() -> None:
     rows = dict(re.findall(r"^\| `([A-Z_]+)` \| (-?[0-9.]+) \|", DOCS.read_text(), re.MULTILINE))
     assert rows == {name: f"{s.weight:.1f}" for name, s in SYMBOLS.items()}
+
+
+def test_a_clean_stage_is_the_shared_nothing_result() -> None:
+    """The driver recognises a stage with nothing to say by identity and skips the scoring."""
+    pipeline = Pipeline([(HeloCheck(), CheckSettings())])
+    assert asyncio.run(pipeline.run(Stage.HELO, ctx("mail.sender.example"))) is NOTHING
+    found = asyncio.run(pipeline.run(Stage.HELO, ctx("localhost")))
+    assert found is not NOTHING and [f.symbol for f in found.findings] == ["HELO_NOT_FQDN"]
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "action"),
+    [
+        (Thresholds(), Action.ACCEPT),
+        (Thresholds(tag=0.0, reject=15.0), Action.TAG),  # inclusive: a score of 0 is tagged
+        (Thresholds(tag=-1.0, reject=0.0), Action.REJECT),
+    ],
+)
+def test_the_verdict_on_no_findings_follows_the_thresholds(
+    thresholds: Thresholds, action: Action
+) -> None:
+    verdict = clean_verdict(thresholds)
+    assert verdict == decide((), weights={}, thresholds=thresholds)
+    assert verdict.action is action and verdict.score == 0

@@ -52,6 +52,8 @@ class Pipeline:
             findings.extend(found)
             if failure is not None and settings.on_error == "tempfail" and tempfail is None:
                 tempfail = f"{check.name}: {failure}"
+        if not findings and tempfail is None:
+            return NOTHING  # one shared clean result, which callers can recognise by identity
         return StageResult(findings=tuple(findings), tempfail=tempfail)
 
 

@@ -7,6 +7,7 @@ whatever the score, so a broken dependency never turns into a silent pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -38,6 +39,12 @@ class Verdict:
     score: float
     rules: str  # "HELO_IS_OURS(5.0),HELO_NOT_FQDN(1.0)" for logs and headers
     reply: Reply | None  # None: go on (accept or tag)
+
+
+@functools.lru_cache(maxsize=16)
+def clean_verdict(thresholds: Thresholds) -> Verdict:
+    """The verdict on no findings at all (score 0), made once per set of thresholds."""
+    return decide((), weights={}, thresholds=thresholds)
 
 
 def decide(

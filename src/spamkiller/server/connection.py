@@ -30,7 +30,7 @@ from spamkiller.checks.base import (
 )
 from spamkiller.checks.greylist import Greylister, GreylistSession, tls_key
 from spamkiller.checks.pipeline import NOTHING, Pipeline, StageResult
-from spamkiller.checks.policy import Action, Thresholds, Verdict, decide
+from spamkiller.checks.policy import Action, Thresholds, Verdict, clean_verdict, decide
 from spamkiller.checks.ratelimit import RateLimiter, guarded
 from spamkiller.checks.recipients import (
     TOO_MANY_UNKNOWN,
@@ -81,6 +81,9 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 MEMORY_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 MEMORY_EXHAUSTED = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
+
+
+_NOTHING_FOUND = (NOTHING, NOTHING, NOTHING, NOTHING)  # the four stages' results, all clean
 
 
 def canonical_ip(ip: str) -> str:
@@ -824,18 +827,25 @@ class InboundConnection(asyncio.Protocol):
             ctx.rcpt = recipient
             rcpt_result = await rt.pipeline.run(Stage.RCPT, ctx)
         results = (self._connect_result, self._helo_result, self._mail_result, rcpt_result)
-        tempfail = next((r.tempfail for r in results if r.tempfail), None)
-        verdict = decide(
-            (f for r in results for f in r.findings),
-            weights=rt.weights,
-            thresholds=rt.thresholds,
-            tempfail=tempfail,
-        )
+        tempfail: str | None = None
+        if results == _NOTHING_FOUND:  # the usual case: no finding, so no sum to make
+            verdict = clean_verdict(rt.thresholds)
+        else:
+            tempfail = next((r.tempfail for r in results if r.tempfail), None)
+            verdict = decide(
+                (f for r in results for f in r.findings),
+                weights=rt.weights,
+                thresholds=rt.thresholds,
+                tempfail=tempfail,
+            )
         self._note_score(verdict.score)
         reason = tempfail
         if verdict.reply is None and rt.greylister is not None and ctx is not None:
             if self._grey is None:
                 self._grey = rt.greylister.session(ctx)
+            if self._grey.exempt:  # decided once per session: nothing to look up
+                self._verdict = verdict
+                return verdict
             grey = await self._grey.check(recipient, verdict.score)
             if grey.error is not None:
                 self._store_failed("greylist", grey.error)
