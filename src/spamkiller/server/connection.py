@@ -843,20 +843,18 @@ class InboundConnection(asyncio.Protocol):
         if verdict.reply is None and rt.greylister is not None and ctx is not None:
             if self._grey is None:
                 self._grey = rt.greylister.session(ctx)
-            if self._grey.exempt:  # decided once per session: nothing to look up
-                self._verdict = verdict
-                return verdict
-            grey = await self._grey.check(recipient, verdict.score)
-            if grey.error is not None:
-                self._store_failed("greylist", grey.error)
-            if grey.reply is not None:
-                reason = f"greylist {grey.status}" + (f": {grey.error}" if grey.error else "")
-                verdict = Verdict(
-                    action=Action.TEMPFAIL,
-                    score=verdict.score,
-                    rules=verdict.rules,
-                    reply=grey.reply,
-                )
+            if not self._grey.exempt:  # decided once per session: an exempt client is not looked up
+                grey = await self._grey.check(recipient, verdict.score)
+                if grey.error is not None:
+                    self._store_failed("greylist", grey.error)
+                if grey.reply is not None:
+                    reason = f"greylist {grey.status}" + (f": {grey.error}" if grey.error else "")
+                    verdict = Verdict(
+                        action=Action.TEMPFAIL,
+                        score=verdict.score,
+                        rules=verdict.rules,
+                        reply=grey.reply,
+                    )
         self._verdict = verdict
         if verdict.reply is not None:
             txn = self.txn
