@@ -8,8 +8,10 @@ number of concurrent client loops (default 10) repeat sessions for a fixed time.
     python bench/starttls.py --target-only 127.0.0.1:2525 [--server-pid PID]
 
 Reports sessions/s, failed sessions, the generator's own CPU (so it visibly is not the
-bottleneck) and the server's CPU per session (its process tree, from /proc), median of 3 runs
-per server, and spam-killer's ratio to the floor. For spam-killer, every message the client saw
+bottleneck) and the server's CPU per session (its process tree, from /proc), median of 5 runs
+per server, and spam-killer's ratio to the floor: the ratio of the medians, and the median of
+the round-by-round ratios (each run over the floor's run of the same round; the order of the
+servers rotates from round to round). For spam-killer, every message the client saw
 accepted must have reached smtp-sink.
 """
 
@@ -390,11 +392,29 @@ def summarize(name: str, runs: list[RunResult]) -> dict[str, Any]:
     }
 
 
+def add_paired_ratios(rows: list[dict[str, Any]], results: dict[str, list[RunResult]]) -> None:
+    """Each round's rate over the floor's in the same round, and their median.
+
+    The machine's speed drifts within a minute; the floor and a server measured in the same round
+    saw nearly the same machine, so their ratio cancels most of that drift.
+    """
+    floor_runs = results["floor"]
+    for row in rows:
+        ratios = [
+            run.rate / floor.rate
+            for run, floor in zip(results[row["server"]], floor_runs, strict=True)
+            if floor.rate
+        ]
+        row["paired_ratios"] = [round(r, 4) for r in ratios]
+        row["paired_ratio"] = median(ratios) if ratios else None
+
+
 def print_table(rows: list[dict[str, Any]], floor_rate: float | None) -> None:
     headers = [
         "server",
         "sessions/s",
         "x floor",
+        "x floor, by round",
         "server CPU ms/session",
         "generator CPU (cores)",
         "failed",
@@ -407,6 +427,7 @@ def print_table(rows: list[dict[str, Any]], floor_rate: float | None) -> None:
                 row["server"],
                 fmt(row["sessions_per_s"]),
                 fmt(ratio, 2),
+                fmt(row.get("paired_ratio"), 2),
                 fmt(row["server_cpu_ms_per_session"], 2),
                 fmt(row["generator_core_share"], 2),
                 str(row["failed_sessions"]),
@@ -427,7 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--floor-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     parser.add_argument("--concurrency", type=int, default=10, help="concurrent sessions")
     parser.add_argument("--duration", type=float, default=None, help="seconds per run (3)")
-    parser.add_argument("--runs", type=int, default=None, help="runs per server (3)")
+    parser.add_argument("--runs", type=int, default=None, help="runs per server (5)")
     parser.add_argument(
         "--procs", type=int, default=2, help="generator processes sharing --concurrency (2)"
     )
@@ -461,7 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.duration is None:
         args.duration = 1.0 if args.quick else 3.0
     if args.runs is None:
-        args.runs = 1 if args.quick else 3
+        args.runs = 1 if args.quick else 5
     if args.skip_floor and args.floor_only:
         parser.error("--skip-floor and --floor-only exclude each other")
     if args.floor_workers is None:
@@ -618,7 +639,10 @@ def run_servers(
         for _name, address, proc, target_sink in targets:  # warm-up, not recorded
             load(address, replace(opts, duration=0.5), server=proc, sink=target_sink)
         for i in range(args.runs):
-            for name, address, proc, target_sink in targets:
+            # Each round starts with the next server: no server always follows the same one.
+            for name, address, proc, target_sink in (
+                targets[i % len(targets) :] + targets[: i % len(targets)]
+            ):
                 run = load(address, opts, server=proc, sink=target_sink)
                 results[name].append(run)
                 print(
@@ -632,10 +656,17 @@ def run_servers(
 
     rows = [summarize(name, runs) for name, runs in results.items()]
     floor_rate = rows[0]["sessions_per_s"] if with_floor else None
+    if with_floor:
+        add_paired_ratios(rows, results)
     print()
     print_table(rows, floor_rate)
     if floor_rate and with_sk:
-        print(f"\nspam-killer / floor = {rows[-1]['sessions_per_s'] / floor_rate:.2f}")
+        sk_row = rows[-1]
+        print(
+            f"\nspam-killer / floor = {sk_row['sessions_per_s'] / floor_rate:.2f} (medians); "
+            f"round by round {sk_row['paired_ratio']:.2f} "
+            f"(range {min(sk_row['paired_ratios']):.2f}-{max(sk_row['paired_ratios']):.2f})"
+        )
     warn_generator(rows, args.procs)
     failed = sum(r["failed_sessions"] for r in rows)
     path = write_results(
